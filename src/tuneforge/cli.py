@@ -1,0 +1,155 @@
+"""The `tuneforge` command: a table of subcommands over tuneforge.api. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (weight-loading bars, optional-kernel notices) hides our own progress."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_train(args) -> int:
+    from tuneforge import api
+
+    summary = api.train(args.spec, overrides=args.set, resume=args.resume, overwrite=args.overwrite,
+                        stop_after=args.stop_after, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_validate(args) -> int:
+    from tuneforge.data.stats import describe_file
+
+    text, ok = describe_file(args.file, args.task, model=args.model, max_seq_len=args.max_seq_len, as_json=args.json)
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_merge(args) -> int:
+    from tuneforge import api
+
+    out = api.merge(args.run_dir, args.out)
+    print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tuneforge import api
+
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    loaded = api.load(args.model, task=args.task)
+    for prompt, answer in zip(prompts, api.generate(loaded, prompts, max_new_tokens=args.max_new_tokens,
+                                                     temperature=args.temperature)):
+        print(json.dumps({"prompt": prompt, "output": answer}, ensure_ascii=False) if args.json else answer)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tuneforge import api
+
+    loaded = api.load(args.model, task="chat")
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        reply = api.generate(loaded, [history], max_new_tokens=args.max_new_tokens, temperature=args.temperature)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tuneforge.demo import run_demo
+
+    return run_demo(args.output_dir, epochs=args.epochs, overwrite=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune small language models, offline or on GPU.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run a fine-tuning job from a YAML spec")
+    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.lr=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in output_dir first")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps, leaving a resumable checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="inspect training data")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    v = dsub.add_parser("validate", help="check a JSONL file: every problem as FILE line N: field: problem")
+    v.add_argument("file")
+    v.add_argument("--task", default="chat", choices=["chat", "completion", "text"])
+    v.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer for token counts ('none' to skip)")
+    v.add_argument("--max-seq-len", type=int, default=512)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_data_validate)
+
+    p = sub.add_parser("merge", help="merge a run's adapter into its base model")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.set_defaults(func=cmd_merge)
+
+    for name, func, text in (("generate", cmd_generate, "complete prompts with a run or model"),
+                             ("chat", cmd_chat, "chat interactively with a run or model")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model", help="run folder, model alias or folder")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        if name == "generate":
+            p.add_argument("--prompt", action="append", help="prompt (repeatable; default: one per stdin line)")
+            p.add_argument("--task", choices=["chat", "completion", "text"], help="default: the run's task")
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("--system", help="system prompt")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="fine-tune SmolLM2 on ticket triage and show before/after")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--epochs", type=float, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tuneforge.errors import TuneforgeError
+
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except TuneforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted; a run can continue with `tuneforge train SPEC --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Deterministic batch order and collation.
+
+Each optimizer step sees the same `batch_size * grad_accum` examples whatever the split into
+micro-batches, so changing `grad_accum` leaves the training trajectory unchanged. The order is a
+pure function of (seed, epoch): resuming re-derives it and skips the steps already done.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from tuneforge.data.encode import IGNORE_INDEX, Example
+
+# Length grouping sorts within windows of this many steps, keeping batches random across windows.
+GROUP_WINDOW_STEPS = 16
+
+
+def step_groups(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
+                group_by_length: bool = True) -> list[list[list[int]]]:
+    """Return, for one epoch, a list of steps; each step is a list of micro-batches of example indices."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    per_step = batch_size * grad_accum
+    if group_by_length:
+        window = per_step * GROUP_WINDOW_STEPS
+        grouped = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda i: lengths[i], reverse=True)
+            steps = [chunk[s : s + per_step] for s in range(0, len(chunk), per_step)]
+            rng.shuffle(steps)  # don't always start a window with its longest step
+            grouped.extend(i for step in steps for i in step)
+        order = grouped
+    steps = []
+    for s in range(0, len(order), per_step):
+        ids = order[s : s + per_step]
+        if group_by_length:  # similar lengths within each micro-batch
+            ids = sorted(ids, key=lambda i: lengths[i], reverse=True)
+        steps.append([ids[m : m + batch_size] for m in range(0, len(ids), batch_size)])
+    return steps
+
+
+def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids (B, T), attention_mask (B, T), labels (B, T)."""
+    longest = max(len(e.input_ids) for e in examples)
+    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

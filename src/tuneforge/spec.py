@@ -1,0 +1,221 @@
+"""The job spec: one pydantic model shared by the CLI, the Python API and the HTTP API.
+
+A spec comes from a YAML file plus dotted `--set key.sub=value` overrides. Every problem is
+reported at once as `FILE line N: field: problem`, and an unknown key names the closest valid one.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneforge.errors import SpecError
+
+Task = Literal["chat", "completion", "text"]
+Method = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "full"]
+PEFT_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(_Strict):
+    train: str = Field(description="Training JSONL file.")
+    validation: str | None = Field(None, description="Validation JSONL file (for eval loss and token accuracy).")
+    validation_split: float | None = Field(
+        None, gt=0.0, lt=0.5, description="Hold out this fraction of `train` for validation when no file is given."
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with examples longer than training.max_seq_len."
+    )
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataSpec:
+        if self.validation and self.validation_split:
+            raise ValueError("give either `validation` (a file) or `validation_split` (a fraction), not both")
+        return self
+
+
+class AdapterSpec(_Strict):
+    r: int = Field(16, ge=1, description="LoRA/DoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names.",
+    )
+    num_virtual_tokens: int = Field(20, ge=1, description="Prompt tuning: number of virtual tokens.")
+    prompt_init_text: str | None = Field(
+        None, description="Prompt tuning: initialise the virtual tokens from this text instead of randomly."
+    )
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
+    max_seq_len: int = Field(512, ge=8, description="Longest example in tokens (see data.overlong).")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware has fast bf16, else fp32 (never fp16 on CPU)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
+    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")
+    save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
+    log_every: int = Field(1, ge=1, description="Write metrics every N optimizer steps.")
+
+
+class JobSpec(_Strict):
+    """A fine-tuning job. The resolved spec is written to `<output_dir>/spec.yaml`."""
+
+    model: str = Field(description="Built-in alias (e.g. smollm2-135m-instruct), local HF folder, .gguf file or hub id.")
+    task: Task = Field("chat", description="chat | completion | text: picks the data format and loss mask.")
+    data: DataSpec
+    method: Method = Field("lora", description="lora | dora | qlora | ia3 | prompt_tuning | full")
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
+    output_dir: str = Field("runs/demo", description="Run folder: checkpoints, adapter/model, metrics, summary.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (off: safer).")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading and error reporting
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid field names of the sub-model that `loc` (a pydantic error location) points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields)
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML mapping to its 1-based line, so errors can point at the line."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, key.value)
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(JobSpec, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" (did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?)" if close else ""
+            msg = f"unknown key{hint}; valid keys here: {', '.join(valid)}"
+        elif e["type"] == "missing":
+            msg = "required but missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        where = source
+        if loc in overridden:
+            where = f"--set {dotted}"
+        elif loc in lines or loc[:-1] in lines:
+            where = f"{source} line {lines.get(loc) or lines[loc[:-1]]}"
+        problems.append(f"{where}: {dotted}: {msg}")
+    return f"invalid job spec ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`training.lr=1e-4` -> (['training', 'lr'], 0.0001); values are parsed as YAML."""
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError(f"--set {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def build_spec(
+    raw: dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    source: str = "spec",
+    yaml_text: str | None = None,
+) -> JobSpec:
+    """Validate a dict (+ overrides) into a JobSpec, raising SpecError listing every problem."""
+    data: dict[str, Any] = dict(raw or {})
+    overridden: set[tuple] = set()
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[parts[-1]] = value
+        overridden.add(tuple(parts))
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, source, _yaml_lines(yaml_text or ""), overridden)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML spec file. Relative data paths stay relative to the current directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}" if mark else str(path)
+        raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a YAML mapping (key: value), got {type(raw).__name__}")
+    return build_spec(raw, overrides, source=str(path), yaml_text=text)

@@ -1,0 +1,75 @@
+"""Shared tiny fixtures: random models of real architectures and small data files."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# One intra-op thread per test worker: two xdist workers on two cores, no oversubscription.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_RECORDS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris."}]},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                  {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6, easily."}]},
+    {"messages": [{"role": "user", "content": "Colour of the sky?"}, {"role": "assistant", "content": "Blue."}]},
+    {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there, friend!"}]},
+    {"messages": [{"role": "user", "content": "Opposite of hot?"}, {"role": "assistant", "content": "Cold"}]},
+    {"messages": [{"role": "user", "content": "Name a fruit"}, {"role": "assistant", "content": "A ripe banana."}]},
+    {"messages": [{"role": "user", "content": "Is water wet? Answer in one long sentence please."},
+                  {"role": "assistant", "content": "Water makes other things wet, which is what we usually mean."}]},
+    {"messages": [{"role": "user", "content": "Count to three"}, {"role": "assistant", "content": "1, 2, 3"}]},
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from tuneforge.models.tiny import ARCHITECTURES, make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture
+def chat_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", CHAT_RECORDS)
+
+
+def tiny_spec(model_dir: Path, train_file: Path, out: Path, **training) -> dict:
+    """A spec dict for a few fast steps on a tiny model (fp32 so invariants hold to 1e-5)."""
+    return {
+        "model": str(model_dir),
+        "task": "chat",
+        "data": {"train": str(train_file)},
+        "method": "lora",
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"epochs": 1, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "warmup_ratio": 0.0,
+                     "max_seq_len": 128, "eval_every": 1000, "save_every": 1000, **training},
+        "device": "cpu",
+        "output_dir": str(out),
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct, converted from the GGUF once into the cache."""
+    from tuneforge.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from tuneforge.models import load_tokenizer
+
+    return load_tokenizer(smollm2_path)
