@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
+import warnings
 
 
 def _quiet_libraries() -> None:
     """Library chatter (weight-loading bars, optional-kernel notices) hides our own progress."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

@@ -79,10 +79,12 @@ def _check_chat(rec: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         what = "an empty list" if isinstance(messages, list) else _type_name(messages)
         return [("messages", f"must be a non-empty list of messages, got {what}")], warnings
     trainable = 0
+    unsure = False  # a broken message might have been the assistant turn: then don't also claim there is none
     for i, m in enumerate(messages):
         at = f"messages[{i}]"
         if not isinstance(m, dict):
             errors.append((at, f"must be an object with role and content, got {_type_name(m)}"))
+            unsure = True
             continue
         warnings += _unknown_keys(m, MESSAGE_KEYS, f"{at}.")
         role = m.get("role")
@@ -91,12 +93,15 @@ def _check_chat(rec: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         elif not isinstance(role, str):
             errors.append((f"{at}.role", f"must be a string, got {_type_name(role)}"))
         elif role not in ROLES:
-            errors.append((f"{at}.role", f"unknown role '{role}'; use one of " + ", ".join(ROLES)))
+            close = difflib.get_close_matches(role, ROLES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            errors.append((f"{at}.role", f"unknown role '{role}'{hint}; use one of " + ", ".join(ROLES)))
         elif role == "system" and i != 0:
             errors.append((f"{at}.role", "a system message must come first"))
+        unsure = unsure or role not in ROLES
         content = m.get("content")
         if "content" not in m:
-            errors.append((f"{at}.content", "missing"))
+            errors.append((f"{at}.content", 'missing; add "content": "<the text of this turn>"'))
         elif not isinstance(content, str):
             errors.append((f"{at}.content", f"must be a string, got {_type_name(content)}"))
         elif role == "assistant" and not content.strip():
@@ -104,12 +109,14 @@ def _check_chat(rec: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         if "weight" in m:
             w = m["weight"]
             if type(w) is not int or w not in (0, 1):  # bools and floats are refused on purpose
-                errors.append((f"{at}.weight", f"must be 0 or 1 (an integer), got {json.dumps(w)}"))
-            elif role != "assistant":
-                errors.append((f"{at}.weight", "weight only applies to assistant turns"))
+                got = str(w) if type(w) is int else f"{_type_name(w)} {json.dumps(w)}"
+                errors.append((f"{at}.weight", f"must be 0 or 1 (an integer), got {got}"))
+                unsure = unsure or role == "assistant"
+            elif role in ROLES and role != "assistant":
+                errors.append((f"{at}.weight", "weight only applies to assistant turns; remove it"))
         if role == "assistant" and m.get("weight", 1) == 1:
             trainable += 1
-    if not trainable and not errors:
+    if not trainable and not unsure:
         errors.append(("messages", "no assistant turn to train on (add one, or set its weight to 1)"))
     return errors, warnings
 
@@ -118,7 +125,7 @@ def _check_strings(rec: dict, task: str) -> tuple[list[tuple[str, str]], list[tu
     errors, warnings = [], _unknown_keys(rec, RECORD_KEYS[task], "")
     for key in RECORD_KEYS[task]:
         if key not in rec:
-            errors.append((key, "missing"))
+            errors.append((key, f'missing; a {task} example is ' + json.dumps({k: "..." for k in RECORD_KEYS[task]})))
         elif not isinstance(rec[key], str):
             errors.append((key, f"must be a string, got {_type_name(rec[key])}"))
         elif key != "prompt" and not rec[key].strip():
@@ -137,6 +144,8 @@ def validate_jsonl(path: str | os.PathLike, task: str) -> ValidationReport:
         raise DataError(f"{name}: data file not found") from None
     except IsADirectoryError:
         raise DataError(f"{name}: is a folder, expected a JSONL file") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read data file: {e.strerror or e}") from None
     report = ValidationReport(path=name, task=task)
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
@@ -157,6 +166,9 @@ def validate_jsonl(path: str | os.PathLike, task: str) -> ValidationReport:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             report.errors.append(Problem(name, number, "json", f"invalid JSON: {e.msg} at column {e.colno}"))
+            continue
+        except (ValueError, RecursionError) as e:  # integers over 4300 digits, absurdly deep nesting
+            report.errors.append(Problem(name, number, "json", f"unreadable JSON value: {str(e).split(';')[0]}"))
             continue
         if not isinstance(rec, dict):
             report.errors.append(Problem(name, number, "json", f"expected a JSON object, got {_type_name(rec)}"))

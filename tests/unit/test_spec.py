@@ -1,0 +1,89 @@
+"""The job spec: defaults, YAML + --set overrides, and errors that name the line, field and fix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuneforge.errors import SpecError
+from tuneforge.spec import build_spec, load_spec
+
+GOOD = """model: smollm2-135m-instruct
+task: chat
+data:
+  train: train.jsonl
+training:
+  lr: 1.0e-4
+  epochs: 2
+"""
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(GOOD)
+    spec = load_spec(p, ["training.batch_size=8", "adapter.target_modules=[q_proj, v_proj]", "method=dora"])
+    assert spec.training.lr == 1e-4 and spec.training.batch_size == 8 and spec.method == "dora"
+    assert spec.adapter.target_modules == ["q_proj", "v_proj"]
+    assert spec.training.precision == "auto" and spec.adapter.r == 16
+    # Round trip: the resolved spec written into a run folder loads back identical.
+    (tmp_path / "spec.yaml").write_text(spec.to_yaml())
+    assert load_spec(tmp_path / "spec.yaml") == spec
+
+
+def test_unknown_key_names_line_and_closest_key(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(GOOD.replace("  lr: 1.0e-4", "  lrr: 1.0e-4"))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p} line 6: training.lrr: unknown key (did you mean 'training.lr'?)" in str(e.value)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(GOOD.replace("task: chat", "task: chatt").replace("epochs: 2", "epochs: -1") + "methd: lora\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = str(e.value)
+    assert "3 problem(s)" in msg
+    assert f"{p} line 2: task:" in msg and f"{p} line 7: training.epochs:" in msg
+    assert "methd: unknown key (did you mean 'method'?)" in msg
+
+
+def test_override_errors_name_the_flag():
+    with pytest.raises(SpecError, match=r"--set training.batch_size: training.batch_size: .*greater than or equal to 1"):
+        build_spec({"model": "m", "data": {"train": "t"}}, ["training.batch_size=0"])
+    with pytest.raises(SpecError, match="expected KEY=VALUE"):
+        build_spec({"model": "m", "data": {"train": "t"}}, ["training.lr"])
+
+
+def test_missing_required_and_conflicts():
+    with pytest.raises(SpecError, match="model: required but missing"):
+        build_spec({"data": {"train": "t"}})
+    with pytest.raises(SpecError, match="either `validation`"):
+        build_spec({"model": "m", "data": {"train": "t", "validation": "v", "validation_split": 0.1}})
+
+
+def test_yaml_syntax_and_shape_errors(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(SpecError, match="line 2: not valid YAML"):
+        load_spec(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        load_spec(p)
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_every_shipped_example_config_is_valid():
+    examples = sorted(Path(__file__).resolve().parents[2].joinpath("examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_spec(path)
+
+
+def test_demo_spec_matches_shipped_example():
+    from tuneforge.demo import DEMO_SPEC
+
+    root = Path(__file__).resolve().parents[2]
+    assert load_spec(root / "examples" / "demo.yaml") == build_spec(DEMO_SPEC)
