@@ -69,6 +69,10 @@ class TrainingSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the hardware has fast bf16, else fp32 (never fp16 on CPU)."
     )
+    base_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Storage of the frozen base weights. auto: bf16 when training in bf16 with an adapter "
+        "method (halves their memory, no per-step casts), else fp32. Full fine-tuning keeps fp32 master weights."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")

@@ -1,11 +1,23 @@
 """Causal-LM loss as a *sum* over target tokens, so the caller can normalise by the target count
-of the whole accumulated batch (a mean of per-micro-batch means would weight short batches up)."""
+of the whole accumulated batch (a mean of per-micro-batch means would weight short batches up).
+
+Two paths give the same value and gradients:
+- `causal_lm_loss_sum`: from the model's full logits (B, T, V). Works for every method.
+- `hidden_states_loss_sum`: from the decoder's last hidden states, projecting only the positions
+  that carry loss through the output head, chunk by chunk, with the gradient computed in the
+  forward pass. The (B, T, V) logits — 49,152 wide for SmolLM2, the largest activation of a
+  step — never exist, and prompt positions cost no output-head FLOPs at all.
+"""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from tuneforge.data.encode import IGNORE_INDEX
+
+CHUNK_TOKENS = 1024  # (1024, V) fp32 logits at a time: 200 MB for a 49k vocabulary
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -27,3 +39,84 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
         mask = target != IGNORE_INDEX
         correct = (pred.argmax(-1)[mask] == target[mask]).sum()
     return loss, correct
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i), chunked; d/dh (and d/dW if W trains) computed in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, compute_dtype, chunk):
+        # h (N, H), weight (V, H), targets (N,)
+        w = weight.detach().to(compute_dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk].detach().to(compute_dtype), targets[s : s + chunk]
+            logits = (hc @ w.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            correct += (logits.argmax(-1) == tc).sum()
+            # d(sum CE)/d logits = softmax - onehot, reusing the logits buffer.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+            grad_h[s : s + chunk] = (probs.to(compute_dtype) @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += probs.T @ hc.float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.has_grad_w = grad_w is not None
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        gw = (grad_w * grad_loss).to(grad_w.dtype) if ctx.has_grad_w else None
+        return grad_h * grad_loss.to(grad_h.dtype), gw, None, None, None
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of `h @ weight.T` against `targets` without materialising all logits."""
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, dtype, chunk)
+
+
+def output_head(model):
+    """(decoder, head) when the fast path applies: a plain bias-free linear head, no virtual tokens."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return None
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if getattr(base.config, "final_logit_softcapping", None):
+        return None
+    return decoder, head
+
+
+def hidden_states_loss_sum(decoder, head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as `causal_lm_loss_sum(model(**batch).logits, labels)`, from hidden states."""
+    labels = batch["labels"]
+    h = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    selected = h[:, :-1][mask]  # (N, H): only positions that predict a target
+    return linear_cross_entropy_sum(selected, head.weight, labels[:, 1:][mask])
+
+
+def loss_fn_for(model):
+    """Return `f(batch) -> (loss_sum, correct)` using the fastest exact path for this model."""
+    fast = output_head(model)
+    if fast is not None:
+        return functools.partial(hidden_states_loss_sum, *fast)
+
+    def full(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return causal_lm_loss_sum(logits, batch["labels"])
+
+    return full

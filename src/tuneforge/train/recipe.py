@@ -31,11 +31,12 @@ from tuneforge.data.encode import EncodedData, encode_records
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.distributed import SingleDevice, Strategy
 from tuneforge.errors import CheckpointError, SpecError, TuneforgeError
+from tuneforge.methods.dropout import use_byte_dropout
 from tuneforge.methods.peft_builders import apply_method, base_weight_bytes, count_parameters
 from tuneforge.models import load_model, load_tokenizer, resolve_model
 from tuneforge.spec import JobSpec
 from tuneforge.train import checkpoint as ckpt
-from tuneforge.train.loss import causal_lm_loss_sum, count_targets
+from tuneforge.train.loss import count_targets, loss_fn_for
 from tuneforge.train.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def resolve_base_dtype(base_dtype: str, method: str, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype frozen base weights are stored in (trainable weights always stay fp32)."""
+    if base_dtype == "bf16" and method == "full":
+        raise SpecError("training.base_dtype: bf16 needs a frozen base; full fine-tuning keeps fp32 master weights")
+    if base_dtype == "auto":
+        return torch.bfloat16 if autocast_dtype == torch.bfloat16 and method != "full" else torch.float32
+    return torch.bfloat16 if base_dtype == "bf16" else torch.float32
 
 
 def prepare_data(spec: JobSpec, tokenizer) -> tuple[EncodedData, EncodedData | None, list[str]]:
@@ -147,14 +157,14 @@ def check_output_dir(spec: JobSpec, out: Path, resume: bool, overwrite: bool) ->
 def evaluate(model, data: EncodedData, batch_size: int, pad_id: int, device, autocast_dtype) -> dict[str, float]:
     """Validation loss (nats per target token) and next-token accuracy over the whole set."""
     model.eval()
+    loss_fn = loss_fn_for(model)
     order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].input_ids))
     loss_sum = correct = targets = 0.0
     for s in range(0, len(order), batch_size):
         batch = collate([data.examples[i] for i in order[s : s + batch_size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device, autocast_dtype):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, ok = causal_lm_loss_sum(logits, batch["labels"])
+            loss, ok = loss_fn(batch)
         loss_sum += loss.item()
         correct += ok.item()
         targets += count_targets(batch["labels"])
@@ -205,9 +215,10 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
         say(f"warning: {w}")
     torch.manual_seed(t.seed)
     random.seed(t.seed)
+    base_dtype = resolve_base_dtype(t.base_dtype, spec.method, autocast_dtype)
     model = load_model(
         model_path,
-        dtype=torch.float32,
+        dtype=base_dtype,
         load_in_4bit=spec.method == "qlora",
         device=str(device),
         trust_remote_code=spec.trust_remote_code,
@@ -215,6 +226,11 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
     model.config.use_cache = False  # no KV cache while training
     model = apply_method(model, spec.method, spec.adapter, tokenizer_path=str(model_path),
                          gradient_checkpointing=t.gradient_checkpointing)
+    if device.type == "cpu":
+        use_byte_dropout(model)  # CPU mask generation was ~30 % of a LoRA step
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:  # fp32 trainable weights and optimizer state
+            p.data = p.data.float()
     model = strategy.wrap(model)
     model.train()
     trainable, total = count_parameters(model)
@@ -224,6 +240,7 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = loss_fn_for(model)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     lengths = [len(e.input_ids) for e in train_data.examples]
     steps_per_epoch = len(step_groups(lengths, t.batch_size, t.grad_accum, t.seed, 0, t.group_by_length))
@@ -272,8 +289,7 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with _autocast(device, autocast_dtype):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss, _ = causal_lm_loss_sum(logits, batch["labels"])
+                    loss, _ = loss_fn(batch)
                 (loss / n_targets).backward()
                 loss_sum += loss.item()
                 session_tokens += int(batch["attention_mask"].sum())
@@ -352,6 +368,7 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
         "final_eval_token_accuracy": last_eval["eval_token_accuracy"] if last_eval else None,
         "eval_step": last_eval_step if last_eval else None,
         "precision": str(autocast_dtype or torch.float32).removeprefix("torch."),
+        "base_dtype": str(base_dtype).removeprefix("torch."),
         "device": str(device),
         "wall_seconds": time.time() - started,
     }

@@ -1,0 +1,42 @@
+"""The defaults take the fastest correct path (see docs/benchmarks.md for what each lever buys)."""
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import tiny_spec
+from tuneforge import api
+from tuneforge.spec import JobSpec
+from tuneforge.train.recipe import cpu_has_fast_bf16, resolve_base_dtype, resolve_precision
+
+
+def test_default_spec_levers():
+    spec = JobSpec.model_validate({"model": "m", "data": {"train": "t"}})
+    assert spec.training.precision == "auto" and spec.training.base_dtype == "auto"
+    assert spec.training.group_by_length is True and spec.training.gradient_checkpointing is False
+
+
+def test_auto_precision_and_base_dtype():
+    cpu = torch.device("cpu")
+    fast = cpu_has_fast_bf16()
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if fast else None)
+    assert resolve_base_dtype("auto", "lora", torch.bfloat16) == torch.bfloat16
+    assert resolve_base_dtype("auto", "full", torch.bfloat16) == torch.float32  # fp32 master weights
+    assert resolve_base_dtype("auto", "lora", None) == torch.float32
+
+
+def test_default_run_uses_fast_paths(tiny_models, chat_file, tmp_path, monkeypatch):
+    from tuneforge.train import recipe
+    from tuneforge.train.loss import hidden_states_loss_sum
+
+    used = {}
+    real_loss_fn_for, real_swap = recipe.loss_fn_for, recipe.use_byte_dropout
+    monkeypatch.setattr(recipe, "loss_fn_for", lambda m: used.setdefault("loss", real_loss_fn_for(m)))
+    monkeypatch.setattr(recipe, "use_byte_dropout", lambda m: used.setdefault("dropouts", real_swap(m)))
+    spec = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "run", max_steps=1)
+    del spec["training"]["precision"]
+    spec["adapter"]["dropout"] = 0.05
+    s = api.train(spec, progress=False)
+    assert used["dropouts"] == 14
+    assert used["loss"].func is hidden_states_loss_sum
+    expected = "bfloat16" if cpu_has_fast_bf16() else "float32"
+    assert s["precision"] == expected and s["base_dtype"] == expected
