@@ -63,11 +63,11 @@ TEMPLATES = {
     "technical": [
         ("The {app} crashes every time I open my orders page.", "{app} crashes on orders page"),
         ("I get error code E{code} when I try to upload a photo.", "Error E{code} on photo upload"),
-        ("The {app} won't load and just shows a blank screen on {device}.", "{app} shows blank screen"),
+        ("The {app} won't load and just shows a blank screen.", "{app} shows blank screen"),
         ("Notifications stopped working in the {app} after the update.", "Notifications broken after update"),
         ("There is a bug in the {app}: search returns no results at all.", "Search bug returns no results"),
         ("The checkout button in the {app} does nothing when I click it.", "Checkout button unresponsive"),
-        ("The {app} freezes and shows error E{code} on {device}.", "{app} freezes with error E{code}"),
+        ("The {app} freezes and shows error E{code}.", "{app} freezes with error E{code}"),
         ("Since the last update the {app} keeps logging errors and won't sync.", "{app} sync fails after update"),
     ],
     "account": [

@@ -42,7 +42,8 @@ from tuneforge.train.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (they don't change the trajectory).
-RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "keep_checkpoints"}
+RESUMABLE_CHANGES = {f"training.{k}" for k in ("max_steps", "epochs", "eval_every", "save_every", "log_every",
+                                                  "keep_checkpoints")}
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -124,6 +125,13 @@ def prepare_data(spec: JobSpec, tokenizer) -> tuple[EncodedData, EncodedData | N
     return train, valid, warnings
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def check_output_dir(spec: JobSpec, out: Path, resume: bool, overwrite: bool) -> Path | None:
     """Return the checkpoint to resume from (or None); refuse to silently mix two runs in one folder."""
     latest = ckpt.latest_checkpoint(out)
@@ -132,14 +140,8 @@ def check_output_dir(spec: JobSpec, out: Path, resume: bool, overwrite: bool) ->
             raise CheckpointError(f"--resume: no complete checkpoint in {out}/checkpoints; start without --resume")
         saved = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").exists() else None
         if saved is not None:
-            now = spec.model_dump(mode="json")
-            diffs = [
-                f"{section}.{k}" if isinstance(now.get(section), dict) else section
-                for section in now
-                for k in (now[section] if isinstance(now[section], dict) else [None])
-                if (now[section].get(k) if k else now[section]) != ((saved.get(section) or {}).get(k) if k else saved.get(section))
-                and k not in RESUMABLE_CHANGES
-            ]
+            now, before = _flatten(spec.model_dump(mode="json")), _flatten(saved)
+            diffs = [k for k in now if now[k] != before.get(k) and k not in RESUMABLE_CHANGES]
             if diffs:
                 raise CheckpointError(
                     f"--resume: the spec differs from the one {out} was started with ({', '.join(diffs)}); "
