@@ -31,6 +31,8 @@ RUNGS = [
     ("+ frozen base stored in bf16", {"precision": "bf16", "base_dtype": "bf16"}, ["full_loss", "torch_dropout"]),
     ("+ target-only chunked linear cross-entropy", {"precision": "bf16", "base_dtype": "bf16"}, ["torch_dropout"]),
     ("+ byte-mask dropout (= tuneforge defaults)", {}, []),
+    # Not a default: trades speed for memory.
+    ("defaults + gradient checkpointing", {"gradient_checkpointing": True}, []),
 ]
 
 

@@ -68,7 +68,8 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="tf-qlora-"))
     model = build_model(work / "llama-1.1b")
-    rows = [{"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "reply " * 60}]}] * 16
+    # ~230 byte-level tokens per example: within max_seq_len, so every example keeps its targets.
+    rows = [{"messages": [{"role": "user", "content": "word " * 20}, {"role": "assistant", "content": "reply " * 20}]}] * 16
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {}
@@ -81,6 +82,8 @@ def main() -> None:
                                str(model), "--data", str(data), "--out", str(work / method), "--steps",
                                str(args.steps)], capture_output=True, text=True)
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "error" in results[method]:
+            raise SystemExit(f"{method} failed:\n{results[method]['error']}")
         print(f"{method}: peak RSS {results[method]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     results["rss_ratio_qlora_vs_lora"] = results["qlora"]["peak_rss_mb"] / results["lora"]["peak_rss_mb"]
     print(json.dumps(results, indent=2))

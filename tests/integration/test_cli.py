@@ -45,6 +45,9 @@ def test_train_merge_generate(tiny_models, chat_file, tmp_path):
     rows = [json.loads(l) for l in gen.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["Say hi", "2+2?"] and all(isinstance(r["output"], str) for r in rows)
 
+    chat = tuneforge("chat", tmp_path / "run", "--max-new-tokens", "3", input="hello\nand again\n\n")
+    assert chat.stdout.count("model> ") == 2
+
     # The merged folder is a plain model: generate works on it too.
     tuneforge("generate", tmp_path / "merged", "--prompt", "hi", "--max-new-tokens", "3")
 
