@@ -80,6 +80,27 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from tuneforge import api
+
+    result = api.evaluate(args.model, args.data, args.task, max_new_tokens=args.max_new_tokens,
+                          max_seq_len=args.max_seq_len)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        for key, value in result.items():
+            if key != "outputs":
+                print(f"{key:16s} {value:.4g}" if isinstance(value, float) else f"{key:16s} {value}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tuneforge import api
+
+    print(f"report written to {api.report(args.run_dir, args.data)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from tuneforge.demo import run_demo
 
@@ -128,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--system", help="system prompt")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="metrics of a run or model on held-out data")
+    p.add_argument("model", help="run folder, model alias or folder")
+    p.add_argument("--data", required=True, help="held-out JSONL")
+    p.add_argument("--task", choices=["chat", "completion", "text"], help="default: the run's task")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="metrics and outputs as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="before/after report of a run (report.md in the run folder)")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="held-out JSONL (default: the spec's eval.data or validation file)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="fine-tune SmolLM2 on ticket triage and show before/after")
     p.add_argument("--output-dir", default="runs/demo")

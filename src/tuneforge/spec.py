@@ -81,6 +81,13 @@ class TrainingSpec(_Strict):
     log_every: int = Field(1, ge=1, description="Write metrics every N optimizer steps.")
 
 
+class EvalSpec(_Strict):
+    data: str = Field(description="Held-out JSONL (same format as training) for the before/after report.")
+    before_after: bool = Field(True, description="After training, evaluate base and fine-tuned models and write report.md.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per held-out example.")
+    examples: int = Field(5, ge=0, description="Examples shown side by side in the report.")
+
+
 class JobSpec(_Strict):
     """A fine-tuning job. The resolved spec is written to `<output_dir>/spec.yaml`."""
 
@@ -91,6 +98,7 @@ class JobSpec(_Strict):
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
+    eval: EvalSpec | None = Field(None, description="Held-out evaluation and before/after report.")
     output_dir: str = Field("runs/demo", description="Run folder: checkpoints, adapter/model, metrics, summary.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (off: safer).")
 

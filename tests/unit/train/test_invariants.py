@@ -104,3 +104,11 @@ def test_outputs_and_summary(tiny_models, chat_file, tmp_path):
     from tuneforge.spec import load_spec
 
     assert load_spec(run / "spec.yaml").training.max_steps == 3
+
+
+def test_gradient_checkpointing_changes_memory_not_math(tiny_models, chat_file, tmp_path):
+    plain = tiny_spec(tiny_models["phi3"], chat_file, tmp_path / "plain", max_steps=3)
+    ckpt = tiny_spec(tiny_models["phi3"], chat_file, tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True)
+    api.train(plain, progress=False)
+    api.train(ckpt, progress=False)
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
