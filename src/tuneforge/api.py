@@ -63,6 +63,7 @@ class LoadedModel:
     task: str
     method: str | None  # None for a plain (not fine-tuned) model
     run_dir: Path | None
+    labels: list[str] | None = None  # classification label set, from the run's spec
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -93,7 +94,7 @@ def load(ref: str | Path, *, task: str | None = None, device: str = "cpu") -> Lo
         tokenizer = load_tokenizer(run / "adapter")
     else:
         raise CheckpointError(f"{run} has no adapter/ or model/ folder: the run has not finished (resume it first)")
-    return LoadedModel(model.eval(), tokenizer, task or spec.task, spec.method, run)
+    return LoadedModel(model.eval(), tokenizer, task or spec.task, spec.method, run, spec.labels)
 
 
 def _stop_ids(tokenizer) -> list[int]:

@@ -30,6 +30,8 @@ def cmd_train(args) -> int:
                         stop_after=args.stop_after, progress=not args.quiet)
     if args.json:
         print(json.dumps(summary, indent=2))
+    elif "report" in summary:
+        print(f"before/after report: {summary['report']}", file=sys.stderr)
     return 0
 
 
@@ -39,6 +41,17 @@ def cmd_data_validate(args) -> int:
     text, ok = describe_file(args.file, args.task, model=args.model, max_seq_len=args.max_seq_len, as_json=args.json)
     print(text)
     return 0 if ok else 1
+
+
+def cmd_data_generate(args) -> int:
+    from tuneforge.demo_data import write_demo_data
+
+    sizes = {"demo": (160, 40, 20), "classification": (240, 120, 40)}[args.dataset]
+    paths = write_demo_data(args.out, *sizes[:2], n_valid=sizes[2],
+                            task="classification" if args.dataset == "classification" else "chat")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -83,8 +96,9 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from tuneforge import api
 
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     result = api.evaluate(args.model, args.data, args.task, max_new_tokens=args.max_new_tokens,
-                          max_seq_len=args.max_seq_len)
+                          max_seq_len=args.max_seq_len, labels=labels)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
@@ -108,6 +122,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tuneforge.data.validate import TASKS
+
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune small language models, offline or on GPU.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -125,11 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     v = dsub.add_parser("validate", help="check a JSONL file: every problem as FILE line N: field: problem")
     v.add_argument("file")
-    v.add_argument("--task", default="chat", choices=["chat", "completion", "text"])
+    v.add_argument("--task", default="chat", choices=TASKS)
     v.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer for token counts ('none' to skip)")
     v.add_argument("--max-seq-len", type=int, default=512)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_data_validate)
+    g = dsub.add_parser("generate", help="write a shipped dataset (support tickets) as JSONL")
+    g.add_argument("dataset", choices=["demo", "classification"])
+    g.add_argument("--out", required=True, help="folder for train/valid/heldout.jsonl")
+    g.set_defaults(func=cmd_data_generate)
 
     p = sub.add_parser("merge", help="merge a run's adapter into its base model")
     p.add_argument("run_dir")
@@ -144,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="prompt (repeatable; default: one per stdin line)")
-            p.add_argument("--task", choices=["chat", "completion", "text"], help="default: the run's task")
+            p.add_argument("--task", choices=TASKS, help="default: the run's task")
             p.add_argument("--json", action="store_true")
         else:
             p.add_argument("--system", help="system prompt")
@@ -153,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="metrics of a run or model on held-out data")
     p.add_argument("model", help="run folder, model alias or folder")
     p.add_argument("--data", required=True, help="held-out JSONL")
-    p.add_argument("--task", choices=["chat", "completion", "text"], help="default: the run's task")
+    p.add_argument("--task", choices=TASKS, help="default: the run's task")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--labels", help="classification: comma-separated label set (default: the run's)")
     p.add_argument("--json", action="store_true", help="metrics and outputs as JSON")
     p.set_defaults(func=cmd_eval)
 

@@ -186,11 +186,17 @@ def make_examples(n: int, seed: int) -> list[dict]:
     return _generate(random.Random(seed), n, set())
 
 
+def as_classification(record: dict) -> dict:
+    """The same ticket as a classification example: {"text": ticket, "label": category}."""
+    return {"text": record["messages"][1]["content"], "label": json.loads(record["messages"][2]["content"])["category"]}
+
+
 def write_demo_data(out_dir: str | Path, n_train: int = 160, n_heldout: int = 40, seed: int = 0, *,
-                    n_valid: int = 20) -> dict[str, Path]:
+                    n_valid: int = 20, task: str = "chat") -> dict[str, Path]:
     """Write train.jsonl, valid.jsonl (validation loss) and heldout.jsonl (before/after metric) into `out_dir`.
 
     No ticket text appears in two splits; each split is stratified; the output is deterministic for `seed`.
+    `task="classification"` writes the same tickets as {"text", "label": category} records.
     Returns {"train": path, "valid": path, "heldout": path}.
     """
     out = Path(out_dir)
@@ -200,6 +206,8 @@ def write_demo_data(out_dir: str | Path, n_train: int = 160, n_heldout: int = 40
               "heldout": _generate(rng, n_heldout, seen)}
     paths = {}
     for name, rows in splits.items():
+        if task == "classification":
+            rows = [as_classification(r) for r in rows]
         paths[name] = out / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return paths

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tuneforge.errors import SpecError
 
-Task = Literal["chat", "completion", "text"]
+Task = Literal["chat", "completion", "text", "classification"]
 Method = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "full"]
 PEFT_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning")
 
@@ -92,7 +92,8 @@ class JobSpec(_Strict):
     """A fine-tuning job. The resolved spec is written to `<output_dir>/spec.yaml`."""
 
     model: str = Field(description="Built-in alias (e.g. smollm2-135m-instruct), local HF folder, .gguf file or hub id.")
-    task: Task = Field("chat", description="chat | completion | text: picks the data format and loss mask.")
+    task: Task = Field("chat", description="chat | completion | text | classification: data format, loss mask, metric.")
+    labels: list[str] | None = Field(None, description="classification: the label set (predictions are scored over it).")
     data: DataSpec
     method: Method = Field("lora", description="lora | dora | qlora | ia3 | prompt_tuning | full")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
@@ -101,6 +102,12 @@ class JobSpec(_Strict):
     eval: EvalSpec | None = Field(None, description="Held-out evaluation and before/after report.")
     output_dir: str = Field("runs/demo", description="Run folder: checkpoints, adapter/model, metrics, summary.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (off: safer).")
+
+    @model_validator(mode="after")
+    def _labels_for_classification(self) -> JobSpec:
+        if self.task == "classification" and not self.labels:
+            raise ValueError("task classification needs `labels: [...]`, the label set")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -105,7 +105,20 @@ def encode_text(tokenizer, record: dict) -> Example:
     return Example(ids, list(ids))
 
 
-ENCODERS = {"chat": encode_chat, "completion": encode_completion, "text": encode_text}
+# Classification is a completion whose answer is the label; the label set is scored at evaluation.
+CLASSIFICATION_PROMPT = "Text: {text}\nLabel:"
+
+
+def classification_pair(record: dict) -> dict:
+    return {"prompt": CLASSIFICATION_PROMPT.format(text=record["text"]), "completion": " " + record["label"]}
+
+
+def encode_classification(tokenizer, record: dict) -> Example:
+    return encode_completion(tokenizer, classification_pair(record))
+
+
+ENCODERS = {"chat": encode_chat, "completion": encode_completion, "text": encode_text,
+            "classification": encode_classification}
 
 
 def encode_prompt(tokenizer, task: str, prompt: str | list[dict]) -> list[int]:
@@ -114,6 +127,8 @@ def encode_prompt(tokenizer, task: str, prompt: str | list[dict]) -> list[int]:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = _render(tokenizer, messages, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if task == "classification":
+        prompt = CLASSIFICATION_PROMPT.format(text=prompt)
     return _bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 

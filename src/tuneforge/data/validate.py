@@ -13,9 +13,10 @@ from pathlib import Path
 
 from tuneforge.errors import DataError
 
-TASKS = ("chat", "completion", "text")
+TASKS = ("chat", "completion", "text", "classification")
 ROLES = ("system", "user", "assistant")
-RECORD_KEYS = {"chat": ("messages",), "completion": ("prompt", "completion"), "text": ("text",)}
+RECORD_KEYS = {"chat": ("messages",), "completion": ("prompt", "completion"), "text": ("text",),
+               "classification": ("text", "label")}
 MESSAGE_KEYS = ("role", "content", "weight")
 
 
@@ -133,8 +134,20 @@ def _check_strings(rec: dict, task: str) -> tuple[list[tuple[str, str]], list[tu
     return errors, warnings
 
 
-def validate_jsonl(path: str | os.PathLike, task: str) -> ValidationReport:
-    """Validate a JSONL file for `task`; the report holds the valid records and every problem."""
+def _check_label(rec: dict, labels: list[str] | None) -> list[tuple[str, str]]:
+    label = rec.get("label")
+    if labels and isinstance(label, str) and label.strip() and label not in labels:
+        close = difflib.get_close_matches(label, labels, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return [("label", f"'{label}' is not one of the spec's labels{hint}: {', '.join(labels)}")]
+    return []
+
+
+def validate_jsonl(path: str | os.PathLike, task: str, labels: list[str] | None = None) -> ValidationReport:
+    """Validate a JSONL file for `task`; the report holds the valid records and every problem.
+
+    `labels` (classification) is the allowed label set; a label outside it is an error.
+    """
     if task not in TASKS:
         raise DataError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     name = str(path)
@@ -174,6 +187,8 @@ def validate_jsonl(path: str | os.PathLike, task: str) -> ValidationReport:
             report.errors.append(Problem(name, number, "json", f"expected a JSON object, got {_type_name(rec)}"))
             continue
         errors, warnings = _check_chat(rec) if task == "chat" else _check_strings(rec, task)
+        if task == "classification":
+            errors += _check_label(rec, labels)
         report.errors += [Problem(name, number, f, m) for f, m in errors]
         report.warnings += [Problem(name, number, f, m) for f, m in warnings]
         if errors:

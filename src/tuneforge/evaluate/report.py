@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tuneforge.errors import CheckpointError
 
-HIGHER_IS_BETTER = ("token_accuracy", "exact_match", "token_f1", "rule_pass_rate")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "token_accuracy", "exact_match", "token_f1", "rule_pass_rate")
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -50,9 +50,10 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
     data = data or (spec.eval.data if spec.eval else None) or spec.data.validation
     if not data:
         raise CheckpointError("no held-out data: pass --data FILE or set eval.data in the spec")
-    records = validate_jsonl(data, spec.task)
+    records = validate_jsonl(data, spec.task, spec.labels)
     records.raise_if_errors()
-    kw = dict(max_seq_len=spec.training.max_seq_len, max_new_tokens=max_new_tokens, generate_n=generate_n)
+    kw = dict(max_seq_len=spec.training.max_seq_len, max_new_tokens=max_new_tokens, generate_n=generate_n,
+              labels=spec.labels)
     base = evaluate_records(api.load(spec.model, task=spec.task), spec.task, records.records, **kw)
     tuned = evaluate_records(api.load(run), spec.task, records.records, **kw)
 

@@ -6,9 +6,36 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.data.encode import encode_records
+from tuneforge.data.batching import collate
+from tuneforge.data.encode import IGNORE_INDEX, classification_pair, encode_completion, encode_records
 from tuneforge.data.validate import validate_jsonl
-from tuneforge.evaluate.metrics import exact_match, perplexity, rule_checks, token_f1
+from tuneforge.errors import SpecError
+from tuneforge.evaluate.metrics import accuracy, exact_match, macro_f1, perplexity, rule_checks, token_f1
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, examples, batch_size: int = 16) -> list[float]:
+    """Sum of log p(target tokens) for each example (labels mark the continuation)."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples[s : s + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        T = batch["labels"].shape[1]
+        logp = torch.log_softmax(logits[:, -T:][:, :-1].float(), dim=-1)  # (B, T-1, V)
+        target = batch["labels"][:, 1:].to(device)
+        mask = target != IGNORE_INDEX
+        picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * mask
+        out.extend(picked.sum(-1).tolist())
+    return out
+
+
+def classify(loaded, records: list[dict], labels: list[str], batch_size: int = 16) -> list[str]:
+    """Predict by scoring every label's log-likelihood after the prompt: no free generation."""
+    tok = loaded.tokenizer
+    examples = [encode_completion(tok, classification_pair({**r, "label": label})) for r in records for label in labels]
+    scores = continuation_logprobs(loaded.model, tok, examples, batch_size)
+    return [labels[max(range(len(labels)), key=lambda j: scores[i * len(labels) + j])] for i in range(len(records))]
 
 
 def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str] | None:
@@ -23,7 +50,7 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
 
 
 def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int = 512, batch_size: int = 8,
-                     max_new_tokens: int = 64, generate_n: int | None = None, progress: bool = False) -> dict:
+                     max_new_tokens: int = 64, generate_n: int | None = None, labels: list[str] | None = None) -> dict:
     """Metrics for `loaded` (an api.LoadedModel) on validated records; outputs kept for reports."""
     from tuneforge import api
     from tuneforge.train.recipe import cpu_has_fast_bf16, evaluate
@@ -37,6 +64,16 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
     result = {"examples": len(records), "target_tokens": n_targets, "loss": scores["eval_loss"],
               "perplexity": perplexity(scores["eval_loss"] * n_targets, n_targets),
               "token_accuracy": scores["eval_token_accuracy"]}
+    if task == "classification":
+        labels = labels or loaded.labels
+        if not labels:
+            raise SpecError("classification evaluation needs the label set: a run with `labels`, or --labels a,b,c")
+        predictions = classify(loaded, records, labels, batch_size)
+        references = [r["label"] for r in records]
+        result.update(accuracy=accuracy(predictions, references), macro_f1=macro_f1(predictions, references, labels))
+        result["outputs"] = [{"prompt": r["text"], "reference": r["label"], "output": p}
+                             for r, p in zip(records, predictions)]
+        return result
     pairs = [p for p in (prompt_and_reference(task, r) for r in records) if p is not None]
     if pairs:
         pairs = pairs[:generate_n] if generate_n else pairs
@@ -58,6 +95,6 @@ def evaluate_file(model_ref: str | Path, data: str | Path, task: str | None = No
     from tuneforge import api
 
     loaded = api.load(model_ref, task=task)
-    report = validate_jsonl(data, loaded.task)
+    report = validate_jsonl(data, loaded.task, kw.get("labels") or loaded.labels)
     report.raise_if_errors()
     return evaluate_records(loaded, loaded.task, report.records, **kw)

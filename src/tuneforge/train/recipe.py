@@ -92,10 +92,10 @@ def resolve_base_dtype(base_dtype: str, method: str, autocast_dtype: torch.dtype
 
 def prepare_data(spec: JobSpec, tokenizer) -> tuple[EncodedData, EncodedData | None, list[str]]:
     """Validate (all problems at once), split and encode the data; return (train, validation, warnings)."""
-    report = validate_jsonl(spec.data.train, spec.task)
+    report = validate_jsonl(spec.data.train, spec.task, spec.labels)
     reports = [report]
     if spec.data.validation:
-        reports.append(validate_jsonl(spec.data.validation, spec.task))
+        reports.append(validate_jsonl(spec.data.validation, spec.task, spec.labels))
     problems = [str(p) for r in reports for p in r.errors]
     if problems:
         for r in reports:
