@@ -105,30 +105,45 @@ def encode_text(tokenizer, record: dict) -> Example:
     return Example(ids, list(ids))
 
 
-# Classification is a completion whose answer is the label; the label set is scored at evaluation.
-CLASSIFICATION_PROMPT = "Text: {text}\nLabel:"
+# Scenario tasks are completions: a prompt filled from the record's fields, the answer as completion.
+# (task -> (prompt template, answer field)); qa's context is optional.
+SCENARIOS = {
+    "classification": ("Text: {text}\nLabel:", "label"),
+    "qa": ("{context_block}Question: {question}\nAnswer:", "answer"),
+    "translation": ("Translate from {source_lang} to {target_lang}.\n{source_lang}: {source}\n{target_lang}:", "target"),
+}
+
+
+def scenario_prompt(task: str, record: dict) -> str:
+    template, _ = SCENARIOS[task]
+    context = record.get("context")
+    return template.format(**record, context_block=f"Context: {context}\n" if context else "")
+
+
+def scenario_pair(task: str, record: dict) -> dict:
+    """{"prompt", "completion"} for a scenario record."""
+    return {"prompt": scenario_prompt(task, record), "completion": " " + record[SCENARIOS[task][1]]}
 
 
 def classification_pair(record: dict) -> dict:
-    return {"prompt": CLASSIFICATION_PROMPT.format(text=record["text"]), "completion": " " + record["label"]}
-
-
-def encode_classification(tokenizer, record: dict) -> Example:
-    return encode_completion(tokenizer, classification_pair(record))
+    return scenario_pair("classification", record)
 
 
 ENCODERS = {"chat": encode_chat, "completion": encode_completion, "text": encode_text,
-            "classification": encode_classification}
+            **{task: (lambda t: lambda tok, rec: encode_completion(tok, scenario_pair(t, rec)))(task) for task in SCENARIOS}}
 
 
-def encode_prompt(tokenizer, task: str, prompt: str | list[dict]) -> list[int]:
-    """Token ids a model should continue at inference time (chat: template + generation prompt)."""
+def encode_prompt(tokenizer, task: str, prompt: str | list[dict] | dict) -> list[int]:
+    """Token ids a model should continue at inference time (chat: template + generation prompt;
+    scenario tasks: a record dict, filled into the task's prompt template)."""
     if task == "chat":
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = _render(tokenizer, messages, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    if task == "classification":
-        prompt = CLASSIFICATION_PROMPT.format(text=prompt)
+    if task in SCENARIOS and isinstance(prompt, dict):
+        prompt = scenario_prompt(task, prompt)
+    elif task == "classification":
+        prompt = scenario_prompt(task, {"text": prompt})
     return _bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 

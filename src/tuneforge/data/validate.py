@@ -13,10 +13,12 @@ from pathlib import Path
 
 from tuneforge.errors import DataError
 
-TASKS = ("chat", "completion", "text", "classification")
+TASKS = ("chat", "completion", "text", "classification", "qa", "translation")
 ROLES = ("system", "user", "assistant")
 RECORD_KEYS = {"chat": ("messages",), "completion": ("prompt", "completion"), "text": ("text",),
-               "classification": ("text", "label")}
+               "classification": ("text", "label"), "qa": ("question", "answer", "context"),
+               "translation": ("source", "target", "source_lang", "target_lang")}
+OPTIONAL_KEYS = {"qa": ("context",)}
 MESSAGE_KEYS = ("role", "content", "weight")
 
 
@@ -125,11 +127,13 @@ def _check_chat(rec: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
 def _check_strings(rec: dict, task: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     errors, warnings = [], _unknown_keys(rec, RECORD_KEYS[task], "")
     for key in RECORD_KEYS[task]:
+        if key not in rec and key in OPTIONAL_KEYS.get(task, ()):
+            continue
         if key not in rec:
             errors.append((key, f'missing; a {task} example is ' + json.dumps({k: "..." for k in RECORD_KEYS[task]})))
         elif not isinstance(rec[key], str):
             errors.append((key, f"must be a string, got {_type_name(rec[key])}"))
-        elif key != "prompt" and not rec[key].strip():
+        elif key not in ("prompt", *OPTIONAL_KEYS.get(task, ())) and not rec[key].strip():
             errors.append((key, "is empty: nothing to learn"))
     return errors, warnings
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tuneforge.errors import CheckpointError
 
-HIGHER_IS_BETTER = ("accuracy", "macro_f1", "token_accuracy", "exact_match", "token_f1", "rule_pass_rate")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "token_accuracy", "exact_match", "f1", "token_f1", "bleu", "chrf",
+                    "rule_pass_rate")
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -22,7 +23,7 @@ def _plot(base: dict, tuned: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in HIGHER_IS_BETTER if k in base and k in tuned]
+    keys = [k for k in HIGHER_IS_BETTER if k in base and k in tuned and k not in ("bleu", "chrf")]  # 0-1 scale only
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], [base[k] for k in keys], width=0.4, label="base")

@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 
 from tuneforge.data.batching import collate
-from tuneforge.data.encode import IGNORE_INDEX, classification_pair, encode_completion, encode_records
+from tuneforge.data.encode import (IGNORE_INDEX, SCENARIOS, classification_pair, encode_completion, encode_records,
+                                   scenario_prompt)
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import SpecError
-from tuneforge.evaluate.metrics import accuracy, exact_match, macro_f1, perplexity, rule_checks, token_f1
+from tuneforge.evaluate.metrics import (accuracy, bleu, chrf, exact_match, macro_f1, perplexity, rule_checks,
+                                        squad_scores, token_f1)
 
 
 @torch.no_grad()
@@ -46,6 +48,9 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
         return msgs[:last], msgs[last]["content"]
     if task == "completion":
         return record["prompt"], record["completion"]
+    if task in SCENARIOS:
+        answer = SCENARIOS[task][1]
+        return {k: v for k, v in record.items() if k != answer}, record[answer]
     return None
 
 
@@ -81,11 +86,18 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
         refs = [r for _, r in pairs]
         result["exact_match"] = sum(exact_match(o, r) for o, r in zip(outputs, refs)) / len(outputs)
         result["token_f1"] = sum(token_f1(o, r) for o, r in zip(outputs, refs)) / len(outputs)
+        if task == "qa":  # SQuAD-normalised, the QA convention
+            result.update(squad_scores(outputs, [[r] for r in refs]))
+        if task == "translation":
+            result.update(bleu=bleu(outputs, refs), chrf=chrf(outputs, refs))
         rules = [r.get("rules") for r in records[: len(outputs)]]
         if any(rules):
             checks = [rule_checks(o, rs) for o, rs in zip(outputs, rules) if rs]
             result["rule_pass_rate"] = sum(c["passed"] for c in checks) / max(sum(c["total"] for c in checks), 1)
-        result["outputs"] = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "reference": r, "output": o}
+        def shown(p):
+            return p if isinstance(p, str) else p[-1]["content"] if isinstance(p, list) else scenario_prompt(task, p)
+
+        result["outputs"] = [{"prompt": shown(p), "reference": r, "output": o}
                              for (p, r), o in zip(pairs, outputs)]
     return result
 
