@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tuneforge.errors import SpecError
 
-Task = Literal["chat", "completion", "text", "classification", "qa", "translation"]
+Task = Literal["chat", "completion", "text", "classification", "qa", "translation", "creative", "ner"]
 Method = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "full"]
 PEFT_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning")
 
@@ -92,7 +92,7 @@ class JobSpec(_Strict):
     """A fine-tuning job. The resolved spec is written to `<output_dir>/spec.yaml`."""
 
     model: str = Field(description="Built-in alias (e.g. smollm2-135m-instruct), local HF folder, .gguf file or hub id.")
-    task: Task = Field("chat", description="chat | completion | text | classification | qa | translation: data format, loss mask, metric.")
+    task: Task = Field("chat", description="chat | completion | text | classification | qa | translation | creative | ner: data format, loss mask, metric.")
     labels: list[str] | None = Field(None, description="classification: the label set (predictions are scored over it).")
     data: DataSpec
     method: Method = Field("lora", description="lora | dora | qlora | ia3 | prompt_tuning | full")

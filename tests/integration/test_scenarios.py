@@ -46,3 +46,60 @@ def test_train_and_evaluate(tiny_models, tmp_path, task, rows, keys):
     base, tuned = report["base"], report["fine_tuned"]
     assert keys <= set(tuned) and tuned["loss"] < base["loss"]
     assert len(tuned["outputs"]) == len(rows)
+
+
+def test_creative_accepts_both_formats_and_reports_diversity(tiny_models, tmp_path):
+    rows = [{"prompt": "A poem about rain:", "completion": " drops on the roof, soft and slow"},
+            {"text": "Once upon a time a small robot learned to paint the sea at night"}] * 4
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}, {"text": ""}])
+    msgs = [str(p) for p in validate_jsonl(bad, "creative").errors]
+    assert msgs[0].startswith(f"{bad} line 1: completion: missing") and msgs[1].startswith(f"{bad} line 2: text:")
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    spec = tiny_spec(tiny_models["mistral"], train, tmp_path / "run", max_steps=10, batch_size=8, lr=1e-2)
+    spec.update(task="creative", eval={"data": str(train), "max_new_tokens": 8})
+    api.train(spec, progress=False)
+    tuned = json.loads((tmp_path / "run" / "report.json").read_text())["fine_tuned"]
+    assert {"perplexity", "distinct_1", "distinct_2"} <= set(tuned) and 0 <= tuned["distinct_2"] <= 1
+
+
+NER_BIO = {"tokens": ["Alice", "flew", "to", "New", "York"], "tags": ["B-PER", "O", "O", "B-LOC", "I-LOC"]}
+NER_TEXT = {"text": "Bob met Carol in Rome.", "entities": [{"start": 0, "end": 3, "label": "PER"},
+                                                                 {"start": 8, "end": 13, "label": "PER"},
+                                                                 {"start": 17, "end": 21, "label": "LOC"}]}
+
+
+def test_ner_formats_targets_and_span_parsing():
+    from tuneforge.data.ner import ner_pair, parse_entities, text_and_spans
+
+    assert ner_pair(NER_BIO)["completion"] == " PER: Alice; LOC: New York"
+    assert ner_pair(NER_TEXT)["completion"] == " PER: Bob; PER: Carol; LOC: Rome"
+    text, spans = text_and_spans(NER_BIO)
+    assert [text[s:e] for s, e, _ in spans] == ["Alice", "New York"]
+    # A partial span ("York" for "New York") is a different span: entity F1 counts it as a miss.
+    assert parse_entities("PER: Alice; LOC: York; ORG: Mars", text) == [(0, 5, "PER"), (18, 22, "LOC")]
+    tok = make_tokenizer("llama")
+    ex = ENCODERS["ner"](tok, NER_TEXT)
+    assert tok.decode([i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX]).startswith(" PER: Bob;")
+
+
+def test_ner_validation(tmp_path):
+    path = write_jsonl(tmp_path / "ner.jsonl", [
+        NER_BIO, {"tokens": ["a", "b"], "tags": ["O"]}, {"tokens": ["a"], "tags": ["PER"]},
+        {"text": "abc", "entities": [{"start": 2, "end": 9, "label": "X"}]}, NER_TEXT])
+    report = validate_jsonl(path, "ner")
+    msgs = [str(p) for p in report.errors]
+    assert msgs[0].startswith(f"{path} line 2: tags: must be a list of one BIO tag per token (2 tokens, 1 tags)")
+    assert msgs[1].startswith(f"{path} line 3: tags[0]: 'PER' is not a BIO tag")
+    assert msgs[2].startswith(f"{path} line 4: entities[0]: needs integer start < end within the text (0..3)")
+    assert report.lines == [1, 5]
+
+
+def test_ner_train_and_entity_f1(tiny_models, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [NER_BIO, NER_TEXT] * 4)
+    spec = tiny_spec(tiny_models["llama"], train, tmp_path / "run", max_steps=40, batch_size=8, lr=1e-2)
+    spec.update(task="ner", eval={"data": str(train), "max_new_tokens": 40})
+    api.train(spec, progress=False)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    base, tuned = report["base"], report["fine_tuned"]
+    assert {"entity_precision", "entity_recall", "entity_f1"} <= set(tuned)
+    assert tuned["loss"] < base["loss"] and tuned["entity_f1"] >= base["entity_f1"]

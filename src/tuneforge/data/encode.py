@@ -129,7 +129,18 @@ def classification_pair(record: dict) -> dict:
     return scenario_pair("classification", record)
 
 
-ENCODERS = {"chat": encode_chat, "completion": encode_completion, "text": encode_text,
+def encode_creative(tokenizer, record: dict) -> Example:
+    return encode_text(tokenizer, record) if "text" in record else encode_completion(tokenizer, record)
+
+
+def encode_ner(tokenizer, record: dict) -> Example:
+    from tuneforge.data.ner import ner_pair
+
+    return encode_completion(tokenizer, ner_pair(record))
+
+
+ENCODERS = {"chat": encode_chat, "completion": encode_completion, "text": encode_text, "creative": encode_creative,
+            "ner": encode_ner,
             **{task: (lambda t: lambda tok, rec: encode_completion(tok, scenario_pair(t, rec)))(task) for task in SCENARIOS}}
 
 
@@ -140,7 +151,13 @@ def encode_prompt(tokenizer, task: str, prompt: str | list[dict] | dict) -> list
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = _render(tokenizer, messages, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    if task in SCENARIOS and isinstance(prompt, dict):
+    if task == "ner" and isinstance(prompt, dict):
+        from tuneforge.data.ner import ner_pair
+
+        prompt = ner_pair(prompt)["prompt"]
+    elif task == "ner":
+        prompt = f"Text: {prompt}\nEntities:"
+    elif task in SCENARIOS and isinstance(prompt, dict):
         prompt = scenario_prompt(task, prompt)
     elif task == "classification":
         prompt = scenario_prompt(task, {"text": prompt})

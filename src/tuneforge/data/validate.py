@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tuneforge.errors import DataError
 
-TASKS = ("chat", "completion", "text", "classification", "qa", "translation")
+TASKS = ("chat", "completion", "text", "classification", "qa", "translation", "creative", "ner")
 ROLES = ("system", "user", "assistant")
 RECORD_KEYS = {"chat": ("messages",), "completion": ("prompt", "completion"), "text": ("text",),
                "classification": ("text", "label"), "qa": ("question", "answer", "context"),
@@ -190,7 +190,14 @@ def validate_jsonl(path: str | os.PathLike, task: str, labels: list[str] | None 
         if not isinstance(rec, dict):
             report.errors.append(Problem(name, number, "json", f"expected a JSON object, got {_type_name(rec)}"))
             continue
-        errors, warnings = _check_chat(rec) if task == "chat" else _check_strings(rec, task)
+        if task == "ner":
+            from tuneforge.data.ner import check_ner
+
+            errors, warnings = check_ner(rec), []
+        elif task == "creative":  # either a prompt/completion pair or free text
+            errors, warnings = _check_strings(rec, "text" if "text" in rec else "completion")
+        else:
+            errors, warnings = _check_chat(rec) if task == "chat" else _check_strings(rec, task)
         if task == "classification":
             errors += _check_label(rec, labels)
         report.errors += [Problem(name, number, f, m) for f, m in errors]

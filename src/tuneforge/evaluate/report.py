@@ -8,7 +8,7 @@ from pathlib import Path
 from tuneforge.errors import CheckpointError
 
 HIGHER_IS_BETTER = ("accuracy", "macro_f1", "token_accuracy", "exact_match", "f1", "token_f1", "bleu", "chrf",
-                    "rule_pass_rate")
+                    "rule_pass_rate", "distinct_1", "distinct_2", "entity_precision", "entity_recall", "entity_f1")
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 

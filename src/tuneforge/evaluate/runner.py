@@ -11,8 +11,11 @@ from tuneforge.data.encode import (IGNORE_INDEX, SCENARIOS, classification_pair,
                                    scenario_prompt)
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import SpecError
-from tuneforge.evaluate.metrics import (accuracy, bleu, chrf, exact_match, macro_f1, perplexity, rule_checks,
-                                        squad_scores, token_f1)
+from tuneforge.evaluate.metrics import (accuracy, bleu, chrf, distinct_n, entity_prf, exact_match, macro_f1, perplexity,
+                                        rule_checks, squad_scores, token_f1)
+
+
+CREATIVE_PROMPT_WORDS = 5
 
 
 @torch.no_grad()
@@ -46,8 +49,15 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         return msgs[:last], msgs[last]["content"]
-    if task == "completion":
+    if task == "completion" or (task == "creative" and "prompt" in record):
         return record["prompt"], record["completion"]
+    if task == "creative":  # free text: continue its opening words
+        words = record["text"].split()
+        return " ".join(words[:CREATIVE_PROMPT_WORDS]), " ".join(words[CREATIVE_PROMPT_WORDS:])
+    if task == "ner":
+        from tuneforge.data.ner import ner_pair
+
+        return record, ner_pair(record)["completion"].strip()
     if task in SCENARIOS:
         answer = SCENARIOS[task][1]
         return {k: v for k, v in record.items() if k != answer}, record[answer]
@@ -90,12 +100,24 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
             result.update(squad_scores(outputs, [[r] for r in refs]))
         if task == "translation":
             result.update(bleu=bleu(outputs, refs), chrf=chrf(outputs, refs))
+        if task == "ner":  # exact character-span matches; partial overlaps are misses
+            from tuneforge.data.ner import parse_entities, text_and_spans
+
+            texts = [text_and_spans(p)[0] for p, _ in pairs]
+            scores = entity_prf([parse_entities(o, t) for o, t in zip(outputs, texts)],
+                                [text_and_spans(p)[1] for p, _ in pairs])
+            result.update(entity_precision=scores["precision"], entity_recall=scores["recall"],
+                          entity_f1=scores["f1"])
+        if task == "creative":  # diversity of the samples; references are one of many good answers
+            result.update(distinct_1=distinct_n(outputs, 1), distinct_2=distinct_n(outputs, 2))
         rules = [r.get("rules") for r in records[: len(outputs)]]
         if any(rules):
             checks = [rule_checks(o, rs) for o, rs in zip(outputs, rules) if rs]
             result["rule_pass_rate"] = sum(c["passed"] for c in checks) / max(sum(c["total"] for c in checks), 1)
         def shown(p):
-            return p if isinstance(p, str) else p[-1]["content"] if isinstance(p, list) else scenario_prompt(task, p)
+            if isinstance(p, dict):
+                return p.get("text") or " ".join(p.get("tokens", [])) if task == "ner" else scenario_prompt(task, p)
+            return p if isinstance(p, str) else p[-1]["content"]
 
         result["outputs"] = [{"prompt": shown(p), "reference": r, "output": o}
                              for (p, r), o in zip(pairs, outputs)]
