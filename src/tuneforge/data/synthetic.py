@@ -1,0 +1,132 @@
+"""Small scenario datasets the project generates (license-clean, deterministic for a seed).
+
+Each generator draws one record from templates and word lists; `write_dataset` de-duplicates and
+writes train / valid / heldout JSONL. They are small on purpose: a CPU fine-tune of SmolLM2 on
+them takes minutes, and each has a clear right answer so a before/after report can show a gain.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+PEOPLE = ("Alice Moreau", "Bilal Khan", "Chen Wei", "Dara Okafor", "Elena Rossi", "Farah Haddad", "Goran Petrov",
+          "Hana Sato", "Ivan Novak", "Julia Berg", "Kofi Mensah", "Lena Vogel", "Mateo Silva", "Nora Lind")
+PLACES = ("Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Valencia", "Winnipeg", "Zagreb", "Accra", "Bergen")
+ORGS = ("Northwind Labs", "Bluefin Bank", "Orchid Foods", "Helix Motors", "Pinecrest Media", "Arcadia Health")
+PLANETS = ("Zorb", "Quell", "Marix", "Tovan", "Lyra", "Penth", "Odrin", "Kess", "Vashti", "Ulmo", "Brisk", "Caldo")
+
+# A closed English -> French lexicon: real translation, small enough to learn from a few hundred pairs.
+NOUNS = {"cat": ("chat", "m"), "dog": ("chien", "m"), "house": ("maison", "f"), "car": ("voiture", "f"),
+         "bird": ("oiseau", "m"), "book": ("livre", "m"), "table": ("table", "f"), "garden": ("jardin", "m"),
+         "door": ("porte", "f"), "bike": ("vélo", "m"), "chair": ("chaise", "f"), "boat": ("bateau", "m")}
+# Colours only: French places them after the noun, so word order stays regular.
+ADJS = {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "black": ("noir", "noire"),
+        "white": ("blanc", "blanche"), "blue": ("bleu", "bleue"), "grey": ("gris", "grise"),
+        "yellow": ("jaune", "jaune"), "brown": ("marron", "marron")}
+VERBS = {"sleeps": "dort", "is here": "est ici", "is big": "est grand", "is far": "est loin",
+         "is near": "est près", "is outside": "est dehors"}
+
+TOPICS = ("rain", "the sea", "autumn", "a lighthouse", "the moon", "a city at night", "snow", "an old tree")
+IMAGES = {"rain": ("grey roofs", "soft drumming", "wet stones", "a closed umbrella"),
+          "the sea": ("salt wind", "slow waves", "a far sail", "white foam"),
+          "autumn": ("red leaves", "cold mornings", "bare branches", "smoke from chimneys"),
+          "a lighthouse": ("a turning beam", "dark rocks", "a keeper's lamp", "gulls at dawn"),
+          "the moon": ("silver light", "quiet fields", "a pale road", "long shadows"),
+          "a city at night": ("neon signs", "empty trams", "a late cafe", "wet asphalt"),
+          "snow": ("white streets", "muffled steps", "a frozen pond", "blue evenings"),
+          "an old tree": ("deep roots", "a hollow trunk", "moss on bark", "a rope swing")}
+ENDINGS = ("the day lets go", "and then it is still", "something stays")
+
+PRODUCTS = ("the K2 kettle", "the Aero fan", "the Lumo lamp", "the Tern router", "the Brio blender")
+MANUAL_STEPS = ("unplug the device", "hold the reset button for five seconds", "wait for the blue light",
+                "clean the filter with warm water", "check the power cable", "update the firmware from the app")
+
+
+def make_qa(rng: random.Random) -> dict:
+    planet, moons, capital = rng.choice(PLANETS), rng.randint(0, 9), rng.choice(PLACES)
+    days = rng.randint(100, 900)
+    context = f"The planet {planet} has {moons} moons. Its capital city is {capital}, and a year there lasts {days} days."
+    q, a = rng.choice([(f"How many moons does {planet} have?", str(moons)),
+                       (f"What is the capital city of {planet}?", capital),
+                       (f"How many days does a year last on {planet}?", str(days))])
+    return {"context": context, "question": q, "answer": a}
+
+
+def make_translation(rng: random.Random) -> dict:
+    noun, adj, verb = rng.choice(list(NOUNS)), rng.choice(list(ADJS)), rng.choice(list(VERBS))
+    fr_noun, gender = NOUNS[noun]
+    fr_adj = ADJS[adj][0 if gender == "m" else 1]
+    article = "le" if gender == "m" else "la"
+    if fr_noun[0] in "aeiou":
+        article = "l'"
+    fr_verb = VERBS[verb].replace("grand", "grande") if gender == "f" else VERBS[verb]
+    fr = f"{article}{'' if article.endswith(chr(39)) else ' '}{fr_noun} {fr_adj} {fr_verb}"
+    return {"source": f"The {adj} {noun} {verb}.", "target": fr[0].upper() + fr[1:] + ".",
+            "source_lang": "English", "target_lang": "French"}
+
+
+def make_ner(rng: random.Random) -> dict:
+    person, place, org = rng.choice(PEOPLE), rng.choice(PLACES), rng.choice(ORGS)
+    parts = rng.choice([
+        [("", None), (person, "PER"), (" joined ", None), (org, "ORG"), (" in ", None), (place, "LOC"), (".", None)],
+        [("Yesterday ", None), (person, "PER"), (" flew to ", None), (place, "LOC"), (".", None)],
+        [("", None), (org, "ORG"), (" opened an office in ", None), (place, "LOC"), (" last week.", None)],
+        [("The talk by ", None), (person, "PER"), (" was moved.", None)],
+        [("Nothing happened today.", None)],
+    ])
+    text, entities = "", []
+    for surface, label in parts:
+        if label:
+            entities.append({"start": len(text), "end": len(text) + len(surface), "label": label})
+        text += surface
+    return {"text": text, "entities": entities}
+
+
+def make_creative(rng: random.Random) -> dict:
+    topic = rng.choice(TOPICS)
+    a, b = rng.sample(IMAGES[topic], 2)
+    form = rng.choice(["haiku", "couplet"])
+    if form == "haiku":
+        poem = f"{a.capitalize()} at dusk /\n{b} beneath {topic} /\n{rng.choice(ENDINGS)}"
+    else:
+        poem = f"Of {topic} I keep {a} in mind,\nand {b} the hours leave behind."
+    return {"prompt": f"Write a {form} about {topic}.", "completion": " " + poem}
+
+
+def make_text(rng: random.Random) -> dict:
+    product = rng.choice(PRODUCTS)
+    steps = rng.sample(MANUAL_STEPS, 3)
+    return {"text": f"To reset {product}, first {steps[0]}, then {steps[1]}, and finally {steps[2]}. "
+                    f"If {product} still does not start, contact support with its serial number."}
+
+
+GENERATORS = {"qa": make_qa, "translation": make_translation, "ner": make_ner, "creative": make_creative,
+              "text": make_text}
+
+
+def write_dataset(name: str, out_dir: str | Path, n_train: int = 240, n_heldout: int = 120, n_valid: int = 40,
+                  seed: int = 0) -> dict[str, Path]:
+    """Write train/valid/heldout JSONL for scenario `name`; no record appears in two splits.
+
+    Generators with few distinct records (a closed lexicon) fill the splits with as many as exist.
+    """
+    make = GENERATORS[name]
+    rng, seen, rows = random.Random(seed), set(), []
+    attempts = 0
+    while len(rows) < n_train + n_valid + n_heldout and attempts < 50_000:
+        attempts += 1
+        rec = make(rng)
+        key = json.dumps(rec, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append(rec)
+    # Held-out first, so it keeps its size when a generator runs short.
+    heldout, valid, train = rows[:n_heldout], rows[n_heldout : n_heldout + n_valid], rows[n_heldout + n_valid :]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, data in (("train", train), ("valid", valid), ("heldout", heldout)):
+        paths[split] = out / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
+    return paths
