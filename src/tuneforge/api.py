@@ -109,7 +109,7 @@ def _stop_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model: LoadedModel | str | Path, prompts: list[str], *, max_new_tokens: int = 128,
-             temperature: float = 0.0, batch_size: int = 8, seed: int = 0) -> list[str]:
+             temperature: float = 0.0, batch_size: int = 8, seed: int = 0, progress: bool = False) -> list[str]:
     """Complete each prompt (chat: as a user turn, through the chat template). Greedy by default."""
     from tuneforge.data.encode import encode_prompt
 
@@ -119,7 +119,12 @@ def generate(model: LoadedModel | str | Path, prompts: list[str], *, max_new_tok
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
     outputs: list[str] = []
-    for s in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", unit="batch", leave=False)
+    for s in starts:
         encoded = [encode_prompt(tok, loaded.task, p) for p in prompts[s : s + batch_size]]
         longest = max(len(e) for e in encoded)
         # Left padding: every prompt ends at the same position, where generation starts.

@@ -101,3 +101,12 @@ def test_data_validate(tiny_models, chat_file, tmp_path):
     out = tuneforge("data", "validate", bad, "--task", "chat", "--model", "none", check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"{bad} line 1: messages[0].role" in out.stdout and f"{bad} line 2: encoding" in out.stdout
+
+
+def test_data_generate_writes_valid_splits(tmp_path):
+    out = tuneforge("data", "generate", "chat", "--out", tmp_path / "chat")
+    assert "heldout" in out.stdout
+    counts = {p.stem: len(p.read_text().splitlines()) for p in (tmp_path / "chat").glob("*.jsonl")}
+    assert counts == {"train": 240, "valid": 40, "heldout": 120}
+    ok = tuneforge("data", "validate", tmp_path / "chat" / "train.jsonl", "--task", "chat", "--model", "none")
+    assert "OK, 240 chat examples" in ok.stdout

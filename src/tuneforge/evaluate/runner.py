@@ -65,7 +65,8 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
 
 
 def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int = 512, batch_size: int = 8,
-                     max_new_tokens: int = 64, generate_n: int | None = None, labels: list[str] | None = None) -> dict:
+                     max_new_tokens: int = 64, generate_n: int | None = None, labels: list[str] | None = None,
+                     progress: bool = True) -> dict:
     """Metrics for `loaded` (an api.LoadedModel) on validated records; outputs kept for reports."""
     from tuneforge import api
     from tuneforge.train.recipe import cpu_has_fast_bf16, evaluate
@@ -92,7 +93,8 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
     pairs = [p for p in (prompt_and_reference(task, r) for r in records) if p is not None]
     if pairs:
         pairs = pairs[:generate_n] if generate_n else pairs
-        outputs = api.generate(loaded, [p for p, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size)
+        outputs = api.generate(loaded, [p for p, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress)
         refs = [r for _, r in pairs]
         result["exact_match"] = sum(exact_match(o, r) for o, r in zip(outputs, refs)) / len(outputs)
         result["token_f1"] = sum(token_f1(o, r) for o, r in zip(outputs, refs)) / len(outputs)
