@@ -181,6 +181,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def save_final(model, tokenizer, method: str, out: Path) -> Path:
     """Write `adapter/` (PEFT format) or `model/` (full fine-tuning), each with the tokenizer."""
     target = out / ("model" if method == "full" else "adapter")
+    model.config.use_cache = True  # turned off for training; a saved model should generate with a KV cache
     tmp = out / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -57,6 +57,9 @@ def test_train_save_load_merge(tiny_models, chat_file, tmp_path, arch, method):
     if method != "full":
         assert s["trainable_params"] < 0.5 * s["total_params"]
 
+    if method == "full":  # training switches the KV cache off; the saved model must generate with it
+        assert json.loads((tmp_path / "run" / "model" / "config.json").read_text()).get("use_cache", True) is True
+
     # save -> load: the reloaded run reproduces the trained model's logits on held data.
     batch = probe_batch(tiny_models[arch])
     loaded = api.load(tmp_path / "run")
