@@ -1,7 +1,6 @@
 """The hidden-states loss path equals the full-logits path in value and in every gradient."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
