@@ -96,10 +96,8 @@ def prepare_data(spec: JobSpec, tokenizer) -> tuple[EncodedData, EncodedData | N
     reports = [report]
     if spec.data.validation:
         reports.append(validate_jsonl(spec.data.validation, spec.task, spec.labels))
-    problems = [str(p) for r in reports for p in r.errors]
-    if problems:
-        for r in reports:
-            r.raise_if_errors()
+    for r in reports:
+        r.raise_if_errors()
     warnings = [str(p) for r in reports for p in r.warnings]
     records, lines = report.records, report.lines
     valid_records, valid_lines = (reports[1].records, reports[1].lines) if spec.data.validation else ([], [])
