@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tuneforge.errors import CheckpointError, TuneforgeError
+from tuneforge.errors import CheckpointError, SpecError, TuneforgeError
 from tuneforge.spec import JobSpec, build_spec, load_spec
 
 
@@ -64,6 +64,7 @@ class LoadedModel:
     method: str | None  # None for a plain (not fine-tuned) model
     run_dir: Path | None
     labels: list[str] | None = None  # classification label set, from the run's spec
+    prompt_template: str | None = None  # the spec's data.prompt_template (None: the task's default)
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -71,13 +72,34 @@ def is_run_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / "spec.yaml").is_file()
 
 
-def load(ref: str | Path, *, task: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load a finished run (base + adapter, or full model) or a plain model reference for inference."""
+def load(ref: str | Path, *, task: str | None = None, device: str = "cpu", like: JobSpec | None = None,
+         prompt_template: str | None = None) -> LoadedModel:
+    """Load a finished run (base + adapter, or full model) or a plain model reference for inference.
+    `like`: format prompts as this spec does (its task, labels, prompt and chat templates), so a base
+    model is asked exactly what the fine-tuned one was trained on. `prompt_template` overrides both."""
+    loaded = _load(ref, task=task, device=device, like=like)
+    if prompt_template is not None:
+        from tuneforge.data.templates import check_template
+
+        problem = check_template(loaded.task, prompt_template)
+        if problem:
+            raise SpecError(f"--prompt-template: {problem}")
+        loaded.prompt_template = prompt_template
+    return loaded
+
+
+def _load(ref: str | Path, *, task: str | None, device: str, like: JobSpec | None) -> LoadedModel:
     from tuneforge.models import load_model, load_tokenizer, resolve_model
 
     if not is_run_dir(ref):
         path = resolve_model(str(ref))
-        return LoadedModel(load_model(path, device=device).eval(), load_tokenizer(path), task or "chat", None, None)
+        tokenizer = load_tokenizer(path)
+        if like is None:
+            return LoadedModel(load_model(path, device=device).eval(), tokenizer, task or "chat", None, None)
+        if like.data.chat_template:
+            tokenizer.chat_template = like.data.chat_template
+        return LoadedModel(load_model(path, device=device).eval(), tokenizer, task or like.task, None, None,
+                           like.labels, like.data.prompt_template)
     run = Path(ref)
     spec = load_spec(run / "spec.yaml")
     if (run / "model").is_dir():
@@ -94,7 +116,8 @@ def load(ref: str | Path, *, task: str | None = None, device: str = "cpu") -> Lo
         tokenizer = load_tokenizer(run / "adapter")
     else:
         raise CheckpointError(f"{run} has no adapter/ or model/ folder: the run has not finished (resume it first)")
-    return LoadedModel(model.eval(), tokenizer, task or spec.task, spec.method, run, spec.labels)
+    return LoadedModel(model.eval(), tokenizer, task or spec.task, spec.method, run, spec.labels,
+                       spec.data.prompt_template)
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -125,7 +148,7 @@ def generate(model: LoadedModel | str | Path, prompts: list[str], *, max_new_tok
 
         starts = tqdm(starts, desc="generate", unit="batch", leave=False)
     for s in starts:
-        encoded = [encode_prompt(tok, loaded.task, p) for p in prompts[s : s + batch_size]]
+        encoded = [encode_prompt(tok, loaded.task, p, loaded.prompt_template) for p in prompts[s : s + batch_size]]
         longest = max(len(e) for e in encoded)
         # Left padding: every prompt ends at the same position, where generation starts.
         input_ids = torch.tensor([[pad_id] * (longest - len(e)) + e for e in encoded], device=device)

@@ -70,7 +70,7 @@ def cmd_generate(args) -> int:
     from tuneforge import api
 
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    loaded = api.load(args.model, task=args.task)
+    loaded = api.load(args.model, task=args.task, prompt_template=args.prompt_template)
     for prompt, answer in zip(prompts, api.generate(loaded, prompts, max_new_tokens=args.max_new_tokens,
                                                      temperature=args.temperature)):
         print(json.dumps({"prompt": prompt, "output": answer}, ensure_ascii=False) if args.json else answer)
@@ -102,7 +102,7 @@ def cmd_eval(args) -> int:
 
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     result = api.evaluate(args.model, args.data, args.task, max_new_tokens=args.max_new_tokens,
-                          max_seq_len=args.max_seq_len, labels=labels)
+                          max_seq_len=args.max_seq_len, labels=labels, prompt_template=args.prompt_template)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
@@ -123,6 +123,9 @@ def cmd_demo(args) -> int:
     from tuneforge.demo import run_demo
 
     return run_demo(args.output_dir, epochs=args.epochs, overwrite=True)
+
+
+TEMPLATE_HELP = "prompt format string over the record's fields, e.g. 'Review: {text}\\nSentiment:' (default: the run's)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--prompt", action="append", help="prompt (repeatable; default: one per stdin line)")
             p.add_argument("--task", choices=TASKS, help="default: the run's task")
+            p.add_argument("--prompt-template", help=TEMPLATE_HELP)
             p.add_argument("--json", action="store_true")
         else:
             p.add_argument("--system", help="system prompt")
@@ -181,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--labels", help="classification: comma-separated label set (default: the run's)")
+    p.add_argument("--prompt-template", help=TEMPLATE_HELP)
     p.add_argument("--json", action="store_true", help="metrics and outputs as JSON")
     p.set_defaults(func=cmd_eval)
 

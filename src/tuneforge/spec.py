@@ -6,11 +6,12 @@ reported at once as `FILE line N: field: problem`, and an unknown key names the 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneforge.errors import SpecError
 
@@ -32,6 +33,35 @@ class DataSpec(_Strict):
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with examples longer than training.max_seq_len."
     )
+    prompt_template: str | None = Field(
+        None, description="Prompt for prompt/answer tasks as a format string over the record's fields, e.g. "
+        "'Review: {text}\\nSentiment:' (defaults: docs/scenarios.md). The answer follows it and is the only "
+        "trained part.",
+    )
+    chat_template: str | None = Field(
+        None, description="chat: a Jinja chat template replacing the tokenizer's own (saved with the model)."
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _format_string(cls, v: str | None) -> str | None:
+        if v is not None:
+            from tuneforge.data.templates import template_fields
+
+            template_fields(v)  # ValueError names the problem
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _jinja(cls, v: str | None) -> str | None:
+        if v is not None:
+            import jinja2
+
+            try:
+                jinja2.Environment().parse(v)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"not a valid Jinja template: {e.message} (template line {e.lineno})") from None
+        return v
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataSpec:
@@ -104,9 +134,19 @@ class JobSpec(_Strict):
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (off: safer).")
 
     @model_validator(mode="after")
-    def _labels_for_classification(self) -> JobSpec:
+    def _fits_task(self) -> JobSpec:
+        # "path: message" errors are reported at that key's line (see _format_errors).
         if self.task == "classification" and not self.labels:
-            raise ValueError("task classification needs `labels: [...]`, the label set")
+            raise ValueError("labels: task classification needs `labels: [...]`, the label set")
+        if self.data.prompt_template is not None:
+            from tuneforge.data.templates import check_template
+
+            problem = check_template(self.task, self.data.prompt_template)
+            if problem:
+                raise ValueError(f"data.prompt_template: {problem}")
+        if self.data.chat_template is not None and self.task != "chat":
+            raise ValueError(f"data.chat_template: only task chat uses a chat template (task is '{self.task}'); "
+                             "use data.prompt_template")
         return self
 
     def to_yaml(self) -> str:
@@ -165,7 +205,11 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], o
             msg = "required but missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and not isinstance(e["input"], dict):
+            located = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", msg, re.S) if not loc else None
+            if located:  # a cross-field check that names the key it is about
+                loc, msg = tuple(located.group(1).split(".")), located.group(2)
+                dotted = located.group(1)
+            elif "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
         where = source
         if loc in overridden:

@@ -38,6 +38,7 @@ def test_train_eval_report(tiny_models, tmp_path):
     held = write_jsonl(tmp_path / "held.jsonl", ROWS[:4])
     spec = tiny_spec(tiny_models["qwen2"], train, tmp_path / "run", max_steps=40, batch_size=8, lr=1e-2)
     spec.update(task="classification", labels=LABELS, eval={"data": str(held)})
+    spec["data"]["prompt_template"] = "Review: {text}\nSentiment:"
     s = api.train(spec, progress=False)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     tuned = report["fine_tuned"]
@@ -48,3 +49,7 @@ def test_train_eval_report(tiny_models, tmp_path):
     with pytest.raises(DataError):
         api.evaluate(tmp_path / "run", write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "label": "meh"}]))
     assert s["status"] == "succeeded"
+    # The run remembers its template: evaluating with the default template instead gives a higher loss.
+    assert api.load(tmp_path / "run").prompt_template == "Review: {text}\nSentiment:"
+    other = api.evaluate(tmp_path / "run", held, prompt_template="Text: {text}\nLabel:")
+    assert other["loss"] > tuned["loss"]

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import tiny_spec, write_jsonl
 from tuneforge import api
-from tuneforge.data.encode import IGNORE_INDEX, ENCODERS
+from tuneforge.data.encode import IGNORE_INDEX, encode_example
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.models.tiny import make_tokenizer
 
@@ -20,7 +20,7 @@ TRANSLATION = [{"source": "good morning", "target": "bonjour", "source_lang": "E
 @pytest.mark.parametrize("task, record, answer", [("qa", QA[0], " Paris"), ("translation", TRANSLATION[0], " bonjour")])
 def test_loss_on_answer_only(task, record, answer):
     tok = make_tokenizer("llama")
-    ex = ENCODERS[task](tok, record)
+    ex = encode_example(tok, task, record)
     targets = [i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX]
     assert tok.decode(targets) == answer + tok.eos_token
     assert record.get("context", record.get("source")) in tok.decode(ex.input_ids)
@@ -69,16 +69,16 @@ NER_TEXT = {"text": "Bob met Carol in Rome.", "entities": [{"start": 0, "end": 3
 
 
 def test_ner_formats_targets_and_span_parsing():
-    from tuneforge.data.ner import ner_pair, parse_entities, text_and_spans
+    from tuneforge.data.ner import answer_text, parse_entities, text_and_spans
 
-    assert ner_pair(NER_BIO)["completion"] == " PER: Alice; LOC: New York"
-    assert ner_pair(NER_TEXT)["completion"] == " PER: Bob; PER: Carol; LOC: Rome"
+    assert answer_text(NER_BIO) == "PER: Alice; LOC: New York"
+    assert answer_text(NER_TEXT) == "PER: Bob; PER: Carol; LOC: Rome"
     text, spans = text_and_spans(NER_BIO)
     assert [text[s:e] for s, e, _ in spans] == ["Alice", "New York"]
     # A partial span ("York" for "New York") is a different span: entity F1 counts it as a miss.
     assert parse_entities("PER: Alice; LOC: York; ORG: Mars", text) == [(0, 5, "PER"), (18, 22, "LOC")]
     tok = make_tokenizer("llama")
-    ex = ENCODERS["ner"](tok, NER_TEXT)
+    ex = encode_example(tok, "ner", NER_TEXT)
     assert tok.decode([i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX]).startswith(" PER: Bob;")
 
 
@@ -103,3 +103,22 @@ def test_ner_train_and_entity_f1(tiny_models, tmp_path):
     base, tuned = report["base"], report["fine_tuned"]
     assert {"entity_precision", "entity_recall", "entity_f1"} <= set(tuned)
     assert tuned["loss"] < base["loss"] and tuned["entity_f1"] >= base["entity_f1"]
+
+
+def test_chat_template_override_trains_saves_and_loads(tiny_models, tmp_path):
+    from tests.conftest import CHAT_RECORDS
+    from tuneforge.data.encode import encode_chat
+    from tuneforge.spec import load_spec
+
+    template = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    train = write_jsonl(tmp_path / "train.jsonl", CHAT_RECORDS)
+    spec = tiny_spec(tiny_models["llama"], train, tmp_path / "run", max_steps=2)
+    spec["data"]["chat_template"] = template
+    api.train(spec, progress=False)
+    loaded = api.load(tmp_path / "run")
+    assert loaded.tokenizer.chat_template == template
+    ex = encode_chat(loaded.tokenizer, CHAT_RECORDS[0])
+    assert loaded.tokenizer.decode([i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX]) == "Paris.\n"
+    base = api.load(tiny_models["llama"], like=load_spec(tmp_path / "run" / "spec.yaml"))
+    assert base.tokenizer.chat_template == template

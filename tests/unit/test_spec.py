@@ -87,3 +87,24 @@ def test_demo_spec_matches_shipped_example():
 
     root = Path(__file__).resolve().parents[2]
     assert load_spec(root / "examples" / "demo.yaml") == build_spec(DEMO_SPEC)
+
+
+def test_template_errors_point_at_their_line(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("model: m\ntask: classification\nlabels: [a, b]\ndata:\n  train: t.jsonl\n"
+                 "  prompt_template: 'Review: {review}\\nSentiment:'\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert (f"{p} line 6: data.prompt_template: unknown field(s) review for task 'classification'; "
+            "a template may use: text") in str(e.value)
+    p.write_text(p.read_text().replace("{review}", "{text"))
+    with pytest.raises(SpecError, match=rf"{p} line 6: data.prompt_template: not a format string \(unmatched '{{'"):
+        load_spec(p)
+    with pytest.raises(SpecError, match="data.prompt_template: task 'chat' has no prompt template .use data.chat_template"):
+        build_spec({"model": "m", "data": {"train": "t", "prompt_template": "{text}"}})
+    with pytest.raises(SpecError, match=r"data.chat_template: not a valid Jinja template"):
+        build_spec({"model": "m", "data": {"train": "t", "chat_template": "{% for m in messages %}"}})
+    with pytest.raises(SpecError, match=r"data.chat_template: only task chat"):
+        build_spec({"model": "m", "task": "text", "data": {"train": "t", "chat_template": "{{ x }}"}})
+    with pytest.raises(SpecError, match=r"\(top level\)|labels: task classification needs"):
+        build_spec({"model": "m", "task": "classification", "data": {"train": "t"}})

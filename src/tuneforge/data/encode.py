@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuneforge.data import templates
 from tuneforge.errors import DataError
 
 IGNORE_INDEX = -100
@@ -105,62 +106,25 @@ def encode_text(tokenizer, record: dict) -> Example:
     return Example(ids, list(ids))
 
 
-# Scenario tasks are completions: a prompt filled from the record's fields, the answer as completion.
-# (task -> (prompt template, answer field)); qa's context is optional.
-SCENARIOS = {
-    "classification": ("Text: {text}\nLabel:", "label"),
-    "qa": ("{context_block}Question: {question}\nAnswer:", "answer"),
-    "translation": ("Translate from {source_lang} to {target_lang}.\n{source_lang}: {source}\n{target_lang}:", "target"),
-}
+def encode_example(tokenizer, task: str, record: dict, template: str | None = None) -> Example:
+    """One record -> token ids and labels. Prompt/answer tasks go through their prompt template
+    (data/templates.py; `template` overrides the default), so only the answer is trained on."""
+    if task == "chat":
+        return encode_chat(tokenizer, record)
+    if task == "text" or (task == "creative" and "text" in record):
+        return encode_text(tokenizer, record)
+    return encode_completion(tokenizer, templates.pair(task, record, template))
 
 
-def scenario_prompt(task: str, record: dict) -> str:
-    template, _ = SCENARIOS[task]
-    context = record.get("context")
-    return template.format(**record, context_block=f"Context: {context}\n" if context else "")
-
-
-def scenario_pair(task: str, record: dict) -> dict:
-    """{"prompt", "completion"} for a scenario record."""
-    return {"prompt": scenario_prompt(task, record), "completion": " " + record[SCENARIOS[task][1]]}
-
-
-def classification_pair(record: dict) -> dict:
-    return scenario_pair("classification", record)
-
-
-def encode_creative(tokenizer, record: dict) -> Example:
-    return encode_text(tokenizer, record) if "text" in record else encode_completion(tokenizer, record)
-
-
-def encode_ner(tokenizer, record: dict) -> Example:
-    from tuneforge.data.ner import ner_pair
-
-    return encode_completion(tokenizer, ner_pair(record))
-
-
-ENCODERS = {"chat": encode_chat, "completion": encode_completion, "text": encode_text, "creative": encode_creative,
-            "ner": encode_ner,
-            **{task: (lambda t: lambda tok, rec: encode_completion(tok, scenario_pair(t, rec)))(task) for task in SCENARIOS}}
-
-
-def encode_prompt(tokenizer, task: str, prompt: str | list[dict] | dict) -> list[int]:
-    """Token ids a model should continue at inference time (chat: template + generation prompt;
-    scenario tasks: a record dict, filled into the task's prompt template)."""
+def encode_prompt(tokenizer, task: str, prompt: str | list[dict] | dict, template: str | None = None) -> list[int]:
+    """Token ids a model should continue at inference time (chat: the chat template plus generation
+    prompt; other tasks: a record dict or a bare string, filled into the task's prompt template)."""
     if task == "chat":
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = _render(tokenizer, messages, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    if task == "ner" and isinstance(prompt, dict):
-        from tuneforge.data.ner import ner_pair
-
-        prompt = ner_pair(prompt)["prompt"]
-    elif task == "ner":
-        prompt = f"Text: {prompt}\nEntities:"
-    elif task in SCENARIOS and isinstance(prompt, dict):
-        prompt = scenario_prompt(task, prompt)
-    elif task == "classification":
-        prompt = scenario_prompt(task, {"text": prompt})
+    if task in templates.DEFAULT_TEMPLATES:
+        prompt = templates.fill(task, prompt, template)
     return _bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
@@ -175,13 +139,12 @@ class EncodedData:
 
 
 def encode_records(tokenizer, task: str, records: list[dict], lines: list[int], max_seq_len: int,
-                   overlong: str = "truncate") -> EncodedData:
+                   overlong: str = "truncate", template: str | None = None) -> EncodedData:
     """Encode every record; over-long examples are truncated (keeping the start) or dropped."""
-    encode = ENCODERS[task]
     out, kept_lines = [], []
     truncated = dropped = longest = total = 0
     for record, line in zip(records, lines):
-        ex = encode(tokenizer, record)
+        ex = encode_example(tokenizer, task, record, template)
         longest = max(longest, len(ex.input_ids))
         if len(ex.input_ids) > max_seq_len:
             if overlong == "drop":

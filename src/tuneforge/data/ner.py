@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 
-PROMPT = "Text: {text}\nEntities:"
 NONE = "none"
 _BIO = re.compile(r"^(O|[BI]-.+)$")
 
@@ -30,10 +29,10 @@ def text_and_spans(record: dict) -> tuple[str, list[tuple[int, int, str]]]:
     return record["text"], [(e["start"], e["end"], e["label"]) for e in record["entities"]]
 
 
-def ner_pair(record: dict) -> dict:
+def answer_text(record: dict) -> str:
+    """`LABEL: span; LABEL: span` in text order, or `none`."""
     text, spans = text_and_spans(record)
-    answer = "; ".join(f"{label}: {text[s:e]}" for s, e, label in sorted(spans)) or NONE
-    return {"prompt": PROMPT.format(text=text), "completion": " " + answer}
+    return "; ".join(f"{label}: {text[s:e]}" for s, e, label in sorted(spans)) or NONE
 
 
 def parse_entities(output: str, text: str) -> list[tuple[int, int, str]]:

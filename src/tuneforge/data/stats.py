@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 import statistics
 
-from tuneforge.data.encode import ENCODERS
+from tuneforge.data.encode import encode_example
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import TuneforgeError
 
 
-def token_stats(tokenizer, task: str, records: list[dict], max_seq_len: int) -> dict:
-    encode = ENCODERS[task]
-    examples = [encode(tokenizer, r) for r in records]
+def token_stats(tokenizer, task: str, records: list[dict], max_seq_len: int, template: str | None = None) -> dict:
+    examples = [encode_example(tokenizer, task, r, template) for r in records]
     lengths = [len(e.input_ids) for e in examples]
     return {
         "tokens": sum(lengths),

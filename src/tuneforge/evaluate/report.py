@@ -55,7 +55,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
     records.raise_if_errors()
     kw = dict(max_seq_len=spec.training.max_seq_len, max_new_tokens=max_new_tokens, generate_n=generate_n,
               labels=spec.labels)
-    base = evaluate_records(api.load(spec.model, task=spec.task), spec.task, records.records, **kw)
+    base = evaluate_records(api.load(spec.model, like=spec), spec.task, records.records, **kw)
     tuned = evaluate_records(api.load(run), spec.task, records.records, **kw)
 
     lines = [f"# Before / after: {spec.method} on {spec.model}", "",

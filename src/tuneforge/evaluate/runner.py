@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from tuneforge.data.batching import collate
-from tuneforge.data.encode import (IGNORE_INDEX, SCENARIOS, classification_pair, encode_completion, encode_records,
-                                   scenario_prompt)
+from tuneforge.data import templates
+from tuneforge.data.encode import IGNORE_INDEX, encode_example, encode_records
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import SpecError
 from tuneforge.evaluate.metrics import (accuracy, bleu, chrf, distinct_n, entity_prf, exact_match, macro_f1, perplexity,
@@ -38,7 +38,8 @@ def continuation_logprobs(model, tokenizer, examples, batch_size: int = 16) -> l
 def classify(loaded, records: list[dict], labels: list[str], batch_size: int = 16) -> list[str]:
     """Predict by scoring every label's log-likelihood after the prompt: no free generation."""
     tok = loaded.tokenizer
-    examples = [encode_completion(tok, classification_pair({**r, "label": label})) for r in records for label in labels]
+    examples = [encode_example(tok, "classification", {**r, "label": label}, loaded.prompt_template)
+                for r in records for label in labels]
     scores = continuation_logprobs(loaded.model, tok, examples, batch_size)
     return [labels[max(range(len(labels)), key=lambda j: scores[i * len(labels) + j])] for i in range(len(records))]
 
@@ -49,18 +50,11 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         return msgs[:last], msgs[last]["content"]
-    if task == "completion" or (task == "creative" and "prompt" in record):
-        return record["prompt"], record["completion"]
-    if task == "creative":  # free text: continue its opening words
+    if task == "creative" and "text" in record:  # free text: continue its opening words
         words = record["text"].split()
-        return " ".join(words[:CREATIVE_PROMPT_WORDS]), " ".join(words[CREATIVE_PROMPT_WORDS:])
-    if task == "ner":
-        from tuneforge.data.ner import ner_pair
-
-        return record, ner_pair(record)["completion"].strip()
-    if task in SCENARIOS:
-        answer = SCENARIOS[task][1]
-        return {k: v for k, v in record.items() if k != answer}, record[answer]
+        return {"text": " ".join(words[:CREATIVE_PROMPT_WORDS])}, " ".join(words[CREATIVE_PROMPT_WORDS:])
+    if task in templates.DEFAULT_TEMPLATES:  # the record itself is filled into the prompt template
+        return record, templates.answer(task, record)
     return None
 
 
@@ -72,7 +66,8 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
     from tuneforge.train.recipe import cpu_has_fast_bf16, evaluate
 
     tok, model = loaded.tokenizer, loaded.model
-    data = encode_records(tok, task, records, list(range(1, len(records) + 1)), max_seq_len)
+    data = encode_records(tok, task, records, list(range(1, len(records) + 1)), max_seq_len,
+                          template=loaded.prompt_template)
     device = next(model.parameters()).device
     autocast = torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     scores = evaluate(model, data, batch_size, tok.pad_token_id, device, autocast)
@@ -118,7 +113,7 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
             result["rule_pass_rate"] = sum(c["passed"] for c in checks) / max(sum(c["total"] for c in checks), 1)
         def shown(p):
             if isinstance(p, dict):
-                return p.get("text") or " ".join(p.get("tokens", [])) if task == "ner" else scenario_prompt(task, p)
+                return templates.fill(task, p, loaded.prompt_template)
             return p if isinstance(p, str) else p[-1]["content"]
 
         result["outputs"] = [{"prompt": shown(p), "reference": r, "output": o}
@@ -126,11 +121,12 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
     return result
 
 
-def evaluate_file(model_ref: str | Path, data: str | Path, task: str | None = None, **kw) -> dict:
+def evaluate_file(model_ref: str | Path, data: str | Path, task: str | None = None, *,
+                  prompt_template: str | None = None, **kw) -> dict:
     """`tuneforge eval`: validate `data`, load the model or run, and return its metrics."""
     from tuneforge import api
 
-    loaded = api.load(model_ref, task=task)
+    loaded = api.load(model_ref, task=task, prompt_template=prompt_template)
     report = validate_jsonl(data, loaded.task, kw.get("labels") or loaded.labels)
     report.raise_if_errors()
     return evaluate_records(loaded, loaded.task, report.records, **kw)

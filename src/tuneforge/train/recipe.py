@@ -111,10 +111,12 @@ def prepare_data(spec: JobSpec, tokenizer) -> tuple[EncodedData, EncodedData | N
         records = [r for i, r in enumerate(records) if i not in held]
         lines = [l for i, l in enumerate(lines) if i not in held]
     t = spec.training
-    train = encode_records(tokenizer, spec.task, records, lines, t.max_seq_len, spec.data.overlong)
+    template = spec.data.prompt_template
+    train = encode_records(tokenizer, spec.task, records, lines, t.max_seq_len, spec.data.overlong, template)
     if not train.examples:
         raise TuneforgeError(f"{spec.data.train}: no trainable examples left after encoding (all too long or empty)")
-    valid = encode_records(tokenizer, spec.task, valid_records, valid_lines, t.max_seq_len, "truncate") if valid_records else None
+    valid = (encode_records(tokenizer, spec.task, valid_records, valid_lines, t.max_seq_len, "truncate", template)
+             if valid_records else None)
     if train.truncated or train.dropped:
         warnings.append(
             f"{spec.data.train}: {train.truncated} example(s) truncated, {train.dropped} dropped "
@@ -211,6 +213,8 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
     # ---- model, tokenizer, data
     model_path = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_path, spec.trust_remote_code)
+    if spec.data.chat_template:  # saved with the tokenizer, so the trained model keeps using it
+        tokenizer.chat_template = spec.data.chat_template
     train_data, valid_data, warnings = prepare_data(spec, tokenizer)
     for w in warnings[:20]:
         say(f"warning: {w}")
