@@ -31,8 +31,10 @@ RUNGS = [
     ("+ frozen base stored in bf16", {"precision": "bf16", "base_dtype": "bf16"}, ["full_loss", "torch_dropout"]),
     ("+ target-only chunked linear cross-entropy", {"precision": "bf16", "base_dtype": "bf16"}, ["torch_dropout"]),
     ("+ byte-mask dropout (= tuneforge defaults)", {}, []),
-    # Not a default: trades speed for memory.
+    # Not defaults: gradient checkpointing trades speed for memory; packing is measured against grouping.
     ("defaults + gradient checkpointing", {"gradient_checkpointing": True}, []),
+    ("defaults + padding-free packing", {"packing": True}, []),
+    ("defaults + packing, batches not length-grouped", {"packing": True, "group_by_length": False}, []),
 ]
 
 
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--one", help="run one rung (index) or 'trl' in a fresh process and print its JSON")
     ap.add_argument("--data")
     ap.add_argument("--out")
+    ap.add_argument("--rungs", help="comma-separated rung indices to run (default: all); the TRL peer always runs")
     args = ap.parse_args()
     if args.child is not None:
         _, training, patches = RUNGS[args.child]
@@ -112,7 +115,8 @@ def main() -> None:
     tokens = tt.real_tokens(data)
     gemm_before = gemm_gflops()
     rows = []
-    for label, idx in [("TRL SFTTrainer + peft, defaults (peer)", "trl")] + [(r[0], str(i)) for i, r in enumerate(RUNGS)]:
+    chosen = [int(i) for i in args.rungs.split(",")] if args.rungs else range(len(RUNGS))
+    for label, idx in [("TRL SFTTrainer + peft, defaults (peer)", "trl")] + [(RUNGS[i][0], str(i)) for i in chosen]:
         proc = subprocess.run([sys.executable, __file__, "--one", idx, "--data", str(data), "--out", str(work / idx)],
                               capture_output=True, text=True)
         if proc.returncode != 0:

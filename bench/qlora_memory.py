@@ -5,6 +5,8 @@ saves it once as bf16 safetensors, then trains a few LoRA steps in each mode in 
 and reports each process's peak RSS. Random weights are fine: memory does not depend on values.
 
     .venv/bin/python bench/qlora_memory.py --steps 3 > bench/results/qlora_memory.json
+
+QLoRA's NF4 copy is made once (`quantize`, its own process and peak) and then loaded by training.
 """
 from __future__ import annotations
 
@@ -41,12 +43,25 @@ def build_model(folder: Path) -> Path:
     return folder
 
 
-def child(model: Path, data: Path, out: Path, method: str, steps: int) -> dict:
+# qlora turns gradient checkpointing on by default; lora+gc is bf16 LoRA with it on, for a like-for-like row.
+RUNS = ("lora", "lora+gc", "quantize", "qlora")
+
+
+def child(model: Path, data: Path, out: Path, run: str, steps: int) -> dict:
     from tuneforge import api
 
+    if run == "quantize":  # the one-time NF4 copy, measured on its own (training then loads it)
+        import torch
+
+        from tuneforge.models.quantize import quantized_copy
+
+        t0 = time.perf_counter()
+        quantized_copy(model, torch.bfloat16)
+        return {"seconds": time.perf_counter() - t0}
+    method, _, gc = run.partition("+")
     spec = {"model": str(model), "task": "chat", "data": {"train": str(data)}, "method": method,
             "training": {"max_steps": steps, "batch_size": 2, "max_seq_len": 256, "save_every": 10_000,
-                         "eval_every": 10_000, "precision": "bf16"},
+                         "eval_every": 10_000, "precision": "bf16", "gradient_checkpointing": gc == "gc" or None},
             "output_dir": str(out)}
     t0 = time.perf_counter()
     s = api.train(spec, overwrite=True, progress=False)
@@ -57,7 +72,7 @@ def child(model: Path, data: Path, out: Path, method: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--child", choices=["lora", "qlora"])
+    ap.add_argument("--child", choices=RUNS)
     ap.add_argument("--model")
     ap.add_argument("--data")
     ap.add_argument("--out")
@@ -72,7 +87,7 @@ def main() -> None:
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {}
-    for method in ("lora", "qlora"):
+    for method in RUNS:
         # A fresh grandparent per method: RUSAGE_CHILDREN is a running maximum over all children.
         code = ("import json,resource,subprocess,sys; p=subprocess.run(sys.argv[1:],capture_output=True,text=True); "
                 "r=json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode==0 else {'error': p.stderr[-2000:]}; "
@@ -85,6 +100,7 @@ def main() -> None:
             raise SystemExit(f"{method} failed:\n{results[method]['error']}")
         print(f"{method}: peak RSS {results[method]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     results["rss_ratio_qlora_vs_lora"] = results["qlora"]["peak_rss_mb"] / results["lora"]["peak_rss_mb"]
+    results["rss_ratio_qlora_vs_lora_gc"] = results["qlora"]["peak_rss_mb"] / results["lora+gc"]["peak_rss_mb"]
     print(json.dumps(results, indent=2))
 
 

@@ -103,8 +103,12 @@ class TrainingSpec(_Strict):
         "auto", description="Storage of the frozen base weights. auto: bf16 when training in bf16 with an adapter "
         "method (halves their memory, no per-step casts), else fp32. Full fine-tuning keeps fp32 master weights."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward: less memory, slower (measured 0.88x on CPU). "
+        "Default: on for qlora (its point is memory), off otherwise.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
+    packing: bool = Field(False, description="Padding-free: each micro-batch as one row, attention kept within "
+                          "each example. Same loss and gradients; see docs/benchmarks.md for when it pays.")
     eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")
     save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
@@ -144,6 +148,9 @@ class JobSpec(_Strict):
             problem = check_template(self.task, self.data.prompt_template)
             if problem:
                 raise ValueError(f"data.prompt_template: {problem}")
+        if self.training.packing and self.method == "prompt_tuning":
+            raise ValueError("training.packing: prompt tuning prepends virtual tokens to each row, so it "
+                             "cannot pack several examples into one; set packing: false")
         if self.data.chat_template is not None and self.task != "chat":
             raise ValueError(f"data.chat_template: only task chat uses a chat template (task is '{self.task}'); "
                              "use data.prompt_template")

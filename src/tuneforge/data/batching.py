@@ -54,3 +54,25 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -
         labels[b, :n] = torch.tensor(e.labels)
         attention_mask[b, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Padding-free: the micro-batch as one row (1, sum of lengths), positions restarting at 0 for each
+    example and no attention mask, so transformers masks attention within each example only. Each
+    example's first label is dropped: in the packed row it would be predicted from the previous
+    example's last token; unpacked, nothing predicts it either. Loss and gradients equal `collate`'s.
+    `cu_seq_lens_q` (example boundaries) lets models/attention.py attend to each example separately."""
+    input_ids, labels, positions, starts = [], [], [], []
+    for e in examples:
+        starts.append(len(input_ids))
+        input_ids += e.input_ids
+        labels += [IGNORE_INDEX] + e.labels[1:]
+        positions += range(len(e.input_ids))
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "cu_seq_lens_q": torch.tensor(starts + [len(input_ids)])}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens in a batch that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

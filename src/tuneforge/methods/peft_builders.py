@@ -46,18 +46,21 @@ def build_peft_config(method: str, model_type: str, *, r: int = 16, alpha: float
     raise SpecError(f"unknown method {method!r}")
 
 
-def apply_method(model, method: str, adapter, *, tokenizer_path: str | None = None, gradient_checkpointing: bool = False):
+def apply_method(model, method: str, adapter, *, tokenizer_path: str | None = None,
+                 gradient_checkpointing: bool = False):
     """Wrap `model` for `method` and return it with exactly the trainable parameters requiring grad."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if method == "qlora":
+    if method == "qlora" and model.dtype != torch.bfloat16:
+        # peft's recipe upcasts the layers left unquantised (embeddings, norms, lm_head) to fp32. With a bf16
+        # base they stay bf16 like a LoRA run's frozen base: the adapter and optimizer are fp32 either way.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},

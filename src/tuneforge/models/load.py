@@ -43,17 +43,32 @@ def _alias_gguf(alias: str) -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, name: str) -> Path:
-    """Dequantise a GGUF file into a cached HF folder (fp32 safetensors + tokenizer), atomically."""
-    target = cache_dir() / "models" / name
+def _build_once(target: Path, build) -> Path:
+    """Make cached folder `target` with `build(tmp)` in a temp folder renamed into place, so a crash or
+    a concurrent builder never leaves a half folder; `config.json` marks a finished one."""
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to %s (once)", gguf, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process built it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantise a GGUF file into a cached HF folder (fp32 safetensors + tokenizer), once."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to %s (once)", gguf, tmp)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to save a GGUF-loaded model while its quantization config is attached.
@@ -61,14 +76,8 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return _build_once(cache_dir() / "models" / name, build)
 
 
 def resolve_model(ref: str) -> Path:
@@ -124,14 +133,13 @@ def load_model(
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ModelError("qlora needs bitsandbytes: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
+        from tuneforge.models.quantize import bnb_config, quantized_copy
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
-        )
+        compute_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        if device == "cpu":  # load a cached pre-quantised copy: never the full-precision weights
+            path = quantized_copy(path, compute_dtype, trust_remote_code)
+        else:  # GPUs quantise on load, layer by layer in device memory
+            kwargs["quantization_config"] = bnb_config(compute_dtype)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -100,10 +100,17 @@ def output_head(model):
     return decoder, head
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model sees: padded batches carry an attention mask, packed ones restarting positions
+    (transformers derives the per-example mask from those only when there is no KV cache)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q") if k in batch}
+    return {**inputs, "use_cache": False} if "position_ids" in batch else inputs
+
+
 def hidden_states_loss_sum(decoder, head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as `causal_lm_loss_sum(model(**batch).logits, labels)`, from hidden states."""
     labels = batch["labels"]
-    h = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    h = decoder(**model_inputs(batch)).last_hidden_state  # (B, T, H)
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
     selected = h[:, :-1][mask]  # (N, H): only positions that predict a target
     return linear_cross_entropy_sum(selected, head.weight, labels[:, 1:][mask])
@@ -116,7 +123,7 @@ def loss_fn_for(model):
         return functools.partial(hidden_states_loss_sum, *fast)
 
     def full(batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         return causal_lm_loss_sum(logits, batch["labels"])
 
     return full

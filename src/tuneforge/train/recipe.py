@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tuneforge.data.batching import collate, step_groups
+from tuneforge.data.batching import collate, collate_packed, real_tokens, step_groups
 from tuneforge.data.encode import EncodedData, encode_records
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.distributed import SingleDevice, Strategy
@@ -34,8 +34,10 @@ from tuneforge.errors import CheckpointError, SpecError, TuneforgeError
 from tuneforge.methods.dropout import use_byte_dropout
 from tuneforge.methods.peft_builders import apply_method, base_weight_bytes, count_parameters
 from tuneforge.models import load_model, load_tokenizer, resolve_model
+from tuneforge.models.attention import use_packed_attention
 from tuneforge.spec import JobSpec
 from tuneforge.train import checkpoint as ckpt
+from tuneforge.train.allocator import return_big_buffers_to_os
 from tuneforge.train.loss import count_targets, loss_fn_for
 from tuneforge.train.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
 
@@ -88,6 +90,11 @@ def resolve_base_dtype(base_dtype: str, method: str, autocast_dtype: torch.dtype
     if base_dtype == "auto":
         return torch.bfloat16 if autocast_dtype == torch.bfloat16 and method != "full" else torch.float32
     return torch.bfloat16 if base_dtype == "bf16" else torch.float32
+
+
+def uses_gradient_checkpointing(spec: JobSpec) -> bool:
+    gc = spec.training.gradient_checkpointing
+    return spec.method == "qlora" if gc is None else gc
 
 
 def prepare_data(spec: JobSpec, tokenizer) -> tuple[EncodedData, EncodedData | None, list[str]]:
@@ -229,8 +236,12 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
         trust_remote_code=spec.trust_remote_code,
     )
     model.config.use_cache = False  # no KV cache while training
+    if t.packing:
+        use_packed_attention(model)
     model = apply_method(model, spec.method, spec.adapter, tokenizer_path=str(model_path),
-                         gradient_checkpointing=t.gradient_checkpointing)
+                         gradient_checkpointing=uses_gradient_checkpointing(spec))
+    if spec.method == "qlora" and device.type == "cpu":
+        return_big_buffers_to_os()  # QLoRA's per-call dequantised weights fragment the heap
     if device.type == "cpu":
         use_byte_dropout(model)  # CPU mask generation was ~30 % of a LoRA step
     for p in model.parameters():
@@ -287,7 +298,8 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
         steps = step_groups(lengths, t.batch_size, t.grad_accum, t.seed, epoch, t.group_by_length)
         for micro_batches in steps[step_in_epoch:]:
             tick = time.perf_counter()
-            batches = [collate([train_data.examples[i] for i in mb], pad_id) for mb in micro_batches]
+            batches = [collate_packed([train_data.examples[i] for i in mb]) if t.packing
+                       else collate([train_data.examples[i] for i in mb], pad_id) for mb in micro_batches]
             # Normalise by the targets of the whole accumulated batch (across processes too).
             n_targets = strategy.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
             loss_sum = 0.0
@@ -297,7 +309,7 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
                     loss, _ = loss_fn(batch)
                 (loss / n_targets).backward()
                 loss_sum += loss.item()
-                session_tokens += int(batch["attention_mask"].sum())
+                session_tokens += real_tokens(batch)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item() if t.max_grad_norm else None
             )
@@ -309,7 +321,7 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
             session_steps += 1
             train_seconds += time.perf_counter() - tick
             last_loss = strategy.all_reduce_sum(loss_sum) / n_targets
-            tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens_seen += sum(real_tokens(b) for b in batches)
 
             is_last = step >= total_steps
             record = {}

@@ -6,13 +6,17 @@ import torch
 from tests.conftest import tiny_spec
 from tuneforge import api
 from tuneforge.spec import JobSpec
-from tuneforge.train.recipe import cpu_has_fast_bf16, resolve_base_dtype, resolve_precision
+from tuneforge.train.recipe import (cpu_has_fast_bf16, resolve_base_dtype, resolve_precision,
+                                    uses_gradient_checkpointing)
 
 
 def test_default_spec_levers():
     spec = JobSpec.model_validate({"model": "m", "data": {"train": "t"}})
     assert spec.training.precision == "auto" and spec.training.base_dtype == "auto"
-    assert spec.training.group_by_length is True and spec.training.gradient_checkpointing is False
+    assert spec.training.group_by_length is True and spec.training.packing is False
+    assert spec.training.gradient_checkpointing is None  # auto: on for qlora only
+    assert uses_gradient_checkpointing(spec) is False
+    assert uses_gradient_checkpointing(spec.model_copy(update={"method": "qlora"})) is True
 
 
 def test_auto_precision_and_base_dtype():
@@ -37,6 +41,10 @@ def test_default_run_uses_fast_paths(tiny_models, chat_file, tmp_path, monkeypat
     spec["adapter"]["dropout"] = 0.05
     s = api.train(spec, progress=False)
     assert used["dropouts"] == 14
+    from tuneforge.methods.dropout import DropoutLoraA
+
+    model = used["loss"].args[0]  # the decoder the fast loss runs; its adapters were folded
+    assert sum(isinstance(m, DropoutLoraA) for m in model.modules()) == 14
     assert used["loss"].func is hidden_states_loss_sum
     expected = "bfloat16" if cpu_has_fast_bf16() else "float32"
     assert s["precision"] == expected and s["base_dtype"] == expected

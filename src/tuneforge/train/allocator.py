@@ -1,0 +1,31 @@
+"""glibc's malloc keeps freed large buffers for reuse. QLoRA on CPU dequantises every 4-bit weight into
+a fresh buffer at each use, the heap fragments, and peak RSS grows well past what is live. With a
+fixed 1 MiB mmap threshold, buffers above it are mapped and returned to the OS on free. Measured:
+QLoRA on a 1.1B model peaks at 1.48 GB instead of 2.25 GB. Page faults make it slow elsewhere (a
+SmolLM2 LoRA epoch at 0.73-0.80x, with gradient checkpointing 0.60x), so only qlora uses it, whose
+point is memory. See docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+THRESHOLD_BYTES = 1 << 20
+
+
+def return_big_buffers_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
+    """Set glibc's mmap threshold for this process (also stops glibc raising it); False if not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+    log.debug("malloc mmap threshold %d bytes: %s", threshold, ok)
+    return ok
