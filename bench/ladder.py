@@ -33,6 +33,7 @@ RUNGS = [
     ("+ byte-mask dropout (= tuneforge defaults)", {}, []),
     # Not defaults: gradient checkpointing trades speed for memory; packing is measured against grouping.
     ("defaults + gradient checkpointing", {"gradient_checkpointing": True}, []),
+    ("defaults + checkpointing every 2nd layer", {"gradient_checkpointing": True, "checkpoint_every": 2}, []),
     ("defaults + padding-free packing", {"packing": True}, []),
     ("defaults + packing, batches not length-grouped", {"packing": True, "group_by_length": False}, []),
 ]

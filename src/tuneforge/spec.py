@@ -106,6 +106,8 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in backward: less memory, slower (measured 0.88x on CPU). "
         "Default: on for qlora (its point is memory), off otherwise.")
+    checkpoint_every: int = Field(1, ge=1, description="With gradient checkpointing: checkpoint every N-th decoder "
+                                  "layer only (2 keeps about half the activations, at less recompute).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     packing: bool = Field(False, description="Padding-free: each micro-batch as one row, attention kept within "
                           "each example. Same loss and gradients; see docs/benchmarks.md for when it pays.")

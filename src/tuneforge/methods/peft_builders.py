@@ -47,12 +47,13 @@ def build_peft_config(method: str, model_type: str, *, r: int = 16, alpha: float
 
 
 def apply_method(model, method: str, adapter, *, tokenizer_path: str | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, checkpoint_every: int = 1):
     """Wrap `model` for `method` and return it with exactly the trainable parameters requiring grad."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=checkpoint_every)
         model.config.use_cache = False
     if method == "full":
         for p in model.parameters():
@@ -61,10 +62,7 @@ def apply_method(model, method: str, adapter, *, tokenizer_path: str | None = No
     if method == "qlora" and model.dtype != torch.bfloat16:
         # peft's recipe upcasts the layers left unquantised (embeddings, norms, lm_head) to fp32. With a bf16
         # base they stay bf16 like a LoRA run's frozen base: the adapter and optimizer are fp32 either way.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # enabled above
     config = build_peft_config(
         method, model.config.model_type, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout,
         target_modules=adapter.target_modules, num_virtual_tokens=adapter.num_virtual_tokens,

@@ -35,6 +35,7 @@ from tuneforge.methods.dropout import use_byte_dropout
 from tuneforge.methods.peft_builders import apply_method, base_weight_bytes, count_parameters
 from tuneforge.models import load_model, load_tokenizer, resolve_model
 from tuneforge.models.attention import use_packed_attention
+from tuneforge.models.rmsnorm import use_fused_rmsnorm
 from tuneforge.spec import JobSpec
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.allocator import return_big_buffers_to_os
@@ -236,10 +237,11 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
         trust_remote_code=spec.trust_remote_code,
     )
     model.config.use_cache = False  # no KV cache while training
+    use_fused_rmsnorm(model)  # same math, keeps bf16 input + 1/rms instead of two fp32 copies
     if t.packing:
         use_packed_attention(model)
     model = apply_method(model, spec.method, spec.adapter, tokenizer_path=str(model_path),
-                         gradient_checkpointing=uses_gradient_checkpointing(spec))
+                         gradient_checkpointing=uses_gradient_checkpointing(spec), checkpoint_every=t.checkpoint_every)
     if spec.method == "qlora" and device.type == "cpu":
         return_big_buffers_to_os()  # QLoRA's per-call dequantised weights fragment the heap
     if device.type == "cpu":

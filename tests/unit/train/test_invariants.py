@@ -106,9 +106,11 @@ def test_outputs_and_summary(tiny_models, chat_file, tmp_path):
     assert load_spec(run / "spec.yaml").training.max_steps == 3
 
 
-def test_gradient_checkpointing_changes_memory_not_math(tiny_models, chat_file, tmp_path):
+@pytest.mark.parametrize("every", [1, 2])
+def test_gradient_checkpointing_changes_memory_not_math(tiny_models, chat_file, tmp_path, every):
     plain = tiny_spec(tiny_models["phi3"], chat_file, tmp_path / "plain", max_steps=3, gradient_checkpointing=False)
-    ckpt = tiny_spec(tiny_models["phi3"], chat_file, tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True)
+    ckpt = tiny_spec(tiny_models["phi3"], chat_file, tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True,
+                     checkpoint_every=every)
     for spec in (plain, ckpt):  # dropout on: the recompute must redraw the same masks
         spec["adapter"]["dropout"] = 0.1
     api.train(plain, progress=False)
