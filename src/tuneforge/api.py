@@ -34,11 +34,11 @@ def train(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str
     spec = _as_spec(spec, overrides)
     result = run_recipe(spec, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress)
     if result["status"] == "succeeded" and spec.eval and spec.eval.before_after:
-        result["report"] = str(report(spec.output_dir))
+        result["report"] = str(report(spec.output_dir, progress=progress))
     return result
 
 
-def report(run_dir: str | Path, data: str | Path | None = None) -> Path:
+def report(run_dir: str | Path, data: str | Path | None = None, *, progress: bool = True) -> Path:
     """Write `report.md`: base vs fine-tuned metrics on held-out data, loss curve, examples side by side."""
     from tuneforge.evaluate.report import write_report
     from tuneforge.spec import load_spec
@@ -46,7 +46,7 @@ def report(run_dir: str | Path, data: str | Path | None = None) -> Path:
     spec = load_spec(Path(run_dir) / "spec.yaml") if (Path(run_dir) / "spec.yaml").exists() else None
     ev = spec.eval if spec else None
     return write_report(run_dir, data, max_new_tokens=ev.max_new_tokens if ev else 64,
-                        examples=ev.examples if ev else 5)
+                        examples=ev.examples if ev else 5, progress=progress)
 
 
 def evaluate(model: str | Path, data: str | Path, task: str | None = None, **kw) -> dict:

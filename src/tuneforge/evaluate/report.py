@@ -38,7 +38,7 @@ def _plot(base: dict, tuned: dict, out: Path) -> None:
 
 
 def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new_tokens: int = 64,
-                 examples: int = 5, generate_n: int | None = None) -> Path:
+                 examples: int = 5, generate_n: int | None = None, progress: bool = True) -> Path:
     from tuneforge import api
     from tuneforge.data.validate import validate_jsonl
     from tuneforge.evaluate.runner import evaluate_records
@@ -54,7 +54,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
     records = validate_jsonl(data, spec.task, spec.labels)
     records.raise_if_errors()
     kw = dict(max_seq_len=spec.training.max_seq_len, max_new_tokens=max_new_tokens, generate_n=generate_n,
-              labels=spec.labels)
+              labels=spec.labels, progress=progress)
     base = evaluate_records(api.load(spec.model, like=spec), spec.task, records.records, **kw)
     tuned = evaluate_records(api.load(run), spec.task, records.records, **kw)
 
