@@ -94,12 +94,10 @@ def _load(ref: str | Path, *, task: str | None, device: str, like: JobSpec | Non
     if not is_run_dir(ref):
         path = resolve_model(str(ref))
         tokenizer = load_tokenizer(path)
-        if like is None:
-            return LoadedModel(load_model(path, device=device).eval(), tokenizer, task or "chat", None, None)
-        if like.data.chat_template:
+        if like is not None and like.data.chat_template:
             tokenizer.chat_template = like.data.chat_template
-        return LoadedModel(load_model(path, device=device).eval(), tokenizer, task or like.task, None, None,
-                           like.labels, like.data.prompt_template)
+        return LoadedModel(load_model(path, device=device).eval(), tokenizer, task or (like.task if like else "chat"),
+                           None, None, like.labels if like else None, like.data.prompt_template if like else None)
     run = Path(ref)
     spec = load_spec(run / "spec.yaml")
     if (run / "model").is_dir():

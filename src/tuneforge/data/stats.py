@@ -9,8 +9,8 @@ from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import TuneforgeError
 
 
-def token_stats(tokenizer, task: str, records: list[dict], max_seq_len: int, template: str | None = None) -> dict:
-    examples = [encode_example(tokenizer, task, r, template) for r in records]
+def token_stats(tokenizer, task: str, records: list[dict], max_seq_len: int) -> dict:
+    examples = [encode_example(tokenizer, task, r) for r in records]
     lengths = [len(e.input_ids) for e in examples]
     return {
         "tokens": sum(lengths),

@@ -32,9 +32,10 @@ class _MaskedScale(torch.autograd.Function):
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
-def _keep_mask(shape: torch.Size, threshold: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def _keep_mask(shape: torch.Size, threshold: int, device: torch.device | str = "cpu",
+               generator: torch.Generator | None = None) -> torch.Tensor:
     n = shape.numel()
-    words = torch.empty(-(-n // 8), dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=generator)
+    words = torch.empty(-(-n // 8), dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1, generator=generator)
     return words.view(torch.uint8)[:n].view(shape) >= threshold
 
 
@@ -48,7 +49,7 @@ class ByteDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        return _MaskedScale.apply(x, _keep_mask(x.shape, self.threshold), self.scale)
+        return _MaskedScale.apply(x, _keep_mask(x.shape, self.threshold, x.device), self.scale)
 
 
 def _dropped(x, keep, scale, dtype):
@@ -74,7 +75,7 @@ class _DropoutLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         generator = torch.Generator()
         generator.set_state(ctx.state)
-        keep = _keep_mask(x.shape, ctx.threshold, generator)
+        keep = _keep_mask(x.shape, ctx.threshold, generator=generator)
         grad_y = grad_y.to(ctx.dtype)
         dropped = _dropped(x, keep, ctx.scale, ctx.dtype)
         grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])

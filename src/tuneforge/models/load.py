@@ -43,7 +43,7 @@ def _alias_gguf(alias: str) -> Path:
     return path
 
 
-def _build_once(target: Path, build) -> Path:
+def build_once(target: Path, build) -> Path:
     """Make cached folder `target` with `build(tmp)` in a temp folder renamed into place, so a crash or
     a concurrent builder never leaves a half folder; `config.json` marks a finished one."""
     if (target / "config.json").is_file():
@@ -77,7 +77,7 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    return _build_once(cache_dir() / "models" / name, build)
+    return build_once(cache_dir() / "models" / name, build)
 
 
 def resolve_model(ref: str) -> Path:

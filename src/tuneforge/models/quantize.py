@@ -50,7 +50,7 @@ def _prune(folder: Path, keep: Path) -> None:
 
 def quantized_copy(path: Path, compute_dtype: torch.dtype, trust_remote_code: bool = False) -> Path:
     """A cached NF4 (double-quantised) copy of the model in `path`, made in a child process if missing."""
-    from tuneforge.models.load import _build_once, cache_dir
+    from tuneforge.models.load import build_once, cache_dir
 
     dtype_name = str(compute_dtype).removeprefix("torch.")
     target = cache_dir() / "quantized" / f"{path.name}-nf4-{dtype_name}-{_key(path, compute_dtype)}"
@@ -63,7 +63,7 @@ def quantized_copy(path: Path, compute_dtype: torch.dtype, trust_remote_code: bo
             raise ModelError(f"could not quantise {path} to 4 bits: {proc.stderr.strip()[-1500:]}")
 
     existed = (target / "config.json").is_file()
-    _build_once(target, build)
+    build_once(target, build)
     target.touch()  # most recently used
     if not existed:
         _prune(target.parent, target)
