@@ -30,12 +30,14 @@ RUNGS = [
     ("+ length-grouped batches", {"precision": "bf16", "base_dtype": "fp32"}, ["full_loss", "torch_dropout"]),
     ("+ frozen base stored in bf16", {"precision": "bf16", "base_dtype": "bf16"}, ["full_loss", "torch_dropout"]),
     ("+ target-only chunked linear cross-entropy", {"precision": "bf16", "base_dtype": "bf16"}, ["torch_dropout"]),
-    ("+ byte-mask dropout (= tuneforge defaults)", {}, []),
-    # Not defaults: gradient checkpointing trades speed for memory; packing is measured against grouping.
+    ("+ byte-mask dropout", {}, ["unfused"]),
+    ("+ fused LoRA layers, recomputed SwiGLU product (= tuneforge defaults)", {}, []),
+    # Not defaults: checkpointing and the token budget trade speed for memory; packing is measured against grouping.
     ("defaults + gradient checkpointing", {"gradient_checkpointing": True}, []),
     ("defaults + checkpointing every 2nd layer", {"gradient_checkpointing": True, "checkpoint_every": 2}, []),
     ("defaults + padding-free packing", {"packing": True}, []),
     ("defaults + packing, batches not length-grouped", {"packing": True, "group_by_length": False}, []),
+    ("defaults + micro_batch_tokens 1024", {"micro_batch_tokens": 1024}, []),
 ]
 
 
@@ -68,6 +70,8 @@ def child(data: Path, out: Path, training: dict, patches: list[str]) -> dict:
         recipe.loss_fn_for = full
     if "torch_dropout" in patches:
         recipe.use_byte_dropout = lambda model: 0
+    if "torch_dropout" in patches or "unfused" in patches:
+        recipe.use_fused_lora = lambda model: 0
     spec = {"model": "smollm2-135m-instruct", "task": "chat", "data": {"train": str(data)}, "method": "lora",
             "adapter": {**tt.LORA, "target_modules": "all-linear"},
             "training": {**tt.HP, "save_every": 10_000, "eval_every": 10_000, "warmup_ratio": 0.0, **training},

@@ -45,6 +45,21 @@ def chat_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", CHAT_RECORDS)
 
 
+def saved_bytes(fn):
+    """(fn(), bytes of the distinct storages autograd keeps for backward while running fn)."""
+    import torch
+
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
 def tiny_spec(model_dir: Path, train_file: Path, out: Path, **training) -> dict:
     """A spec dict for a few fast steps on a tiny model (fp32 so invariants hold to 1e-5)."""
     return {

@@ -108,6 +108,10 @@ class TrainingSpec(_Strict):
         "Default: on for qlora (its point is memory), off otherwise.")
     checkpoint_every: int = Field(1, ge=1, description="With gradient checkpointing: checkpoint every N-th decoder "
                                   "layer only (2 keeps about half the activations, at less recompute).")
+    micro_batch_tokens: int | None = Field(
+        None, ge=16, description="Split a micro-batch whose padded size (rows x longest; packed: total length) "
+        "exceeds this many tokens into near-equal parts run one after another. The update is the same (the loss "
+        "is normalised over the whole step); peak activation memory follows the budget, not the longest batch.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     packing: bool = Field(False, description="Padding-free: each micro-batch as one row, attention kept within "
                           "each example. Same loss and gradients; see docs/benchmarks.md for when it pays.")

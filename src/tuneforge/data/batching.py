@@ -41,6 +41,25 @@ def step_groups(lengths: list[int], batch_size: int, grad_accum: int, seed: int,
     return steps
 
 
+def split_by_tokens(ids: list[int], lengths: list[int], max_tokens: int | None, packed: bool = False) -> list[list[int]]:
+    """Split one micro-batch into the fewest near-equal parts (longest examples first) whose padded size
+    (rows x longest; packed: the sum of lengths) is at most `max_tokens`. An example longer than the
+    budget gets a part of its own. None: no split."""
+    if max_tokens is None:
+        return [ids]
+    ids = sorted(ids, key=lambda i: lengths[i], reverse=True)
+
+    def cost(part):
+        return sum(lengths[i] for i in part) if packed else len(part) * lengths[part[0]]
+
+    for k in range(1, len(ids) + 1):
+        size = -(-len(ids) // k)
+        parts = [ids[s : s + size] for s in range(0, len(ids), size)]
+        if all(cost(p) <= max_tokens for p in parts):
+            return parts
+    return [[i] for i in ids]
+
+
 def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids (B, T), attention_mask (B, T), labels (B, T)."""
     longest = max(len(e.input_ids) for e in examples)

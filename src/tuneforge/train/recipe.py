@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from tuneforge.data.batching import collate, collate_packed, real_tokens, step_groups
+from tuneforge.data.batching import collate, collate_packed, real_tokens, split_by_tokens, step_groups
 from tuneforge.data.encode import EncodedData, encode_records
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.distributed import SingleDevice, Strategy
 from tuneforge.errors import CheckpointError, SpecError, TuneforgeError
 from tuneforge.methods.dropout import use_byte_dropout
+from tuneforge.methods.fused_lora import use_fused_lora
 from tuneforge.methods.peft_builders import apply_method, base_weight_bytes, count_parameters
 from tuneforge.models import load_model, load_tokenizer, resolve_model
 from tuneforge.models.attention import use_packed_attention
@@ -96,6 +97,33 @@ def resolve_base_dtype(base_dtype: str, method: str, autocast_dtype: torch.dtype
 def uses_gradient_checkpointing(spec: JobSpec) -> bool:
     gc = spec.training.gradient_checkpointing
     return spec.method == "qlora" if gc is None else gc
+
+
+def build_model(spec: JobSpec, model_path: Path, device: torch.device, base_dtype: torch.dtype):
+    """The base model with the method applied and the training-time fast paths installed."""
+    t = spec.training
+    model = load_model(
+        model_path,
+        dtype=base_dtype,
+        load_in_4bit=spec.method == "qlora",
+        device=str(device),
+        trust_remote_code=spec.trust_remote_code,
+    )
+    model.config.use_cache = False  # no KV cache while training
+    use_fused_rmsnorm(model)  # same math, keeps bf16 input + 1/rms instead of two fp32 copies
+    if t.packing:
+        use_packed_attention(model)
+    model = apply_method(model, spec.method, spec.adapter, tokenizer_path=str(model_path),
+                         gradient_checkpointing=uses_gradient_checkpointing(spec), checkpoint_every=t.checkpoint_every)
+    if spec.method == "qlora" and device.type == "cpu":
+        return_big_buffers_to_os()  # QLoRA's per-call dequantised weights fragment the heap
+    if device.type == "cpu":
+        use_byte_dropout(model)  # CPU mask generation was ~30 % of a LoRA step
+        use_fused_lora(model)  # one autograd node per LoRA layer: fewer full-width passes, less kept
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:  # fp32 trainable weights and optimizer state
+            p.data = p.data.float()
+    return model
 
 
 def prepare_data(spec: JobSpec, tokenizer) -> tuple[EncodedData, EncodedData | None, list[str]]:
@@ -229,26 +257,7 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     base_dtype = resolve_base_dtype(t.base_dtype, spec.method, autocast_dtype)
-    model = load_model(
-        model_path,
-        dtype=base_dtype,
-        load_in_4bit=spec.method == "qlora",
-        device=str(device),
-        trust_remote_code=spec.trust_remote_code,
-    )
-    model.config.use_cache = False  # no KV cache while training
-    use_fused_rmsnorm(model)  # same math, keeps bf16 input + 1/rms instead of two fp32 copies
-    if t.packing:
-        use_packed_attention(model)
-    model = apply_method(model, spec.method, spec.adapter, tokenizer_path=str(model_path),
-                         gradient_checkpointing=uses_gradient_checkpointing(spec), checkpoint_every=t.checkpoint_every)
-    if spec.method == "qlora" and device.type == "cpu":
-        return_big_buffers_to_os()  # QLoRA's per-call dequantised weights fragment the heap
-    if device.type == "cpu":
-        use_byte_dropout(model)  # CPU mask generation was ~30 % of a LoRA step
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:  # fp32 trainable weights and optimizer state
-            p.data = p.data.float()
+    model = build_model(spec, model_path, device, base_dtype)
     model = strategy.wrap(model)
     model.train()
     trainable, total = count_parameters(model)
@@ -301,6 +310,8 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
         steps = step_groups(lengths, t.batch_size, t.grad_accum, t.seed, epoch, t.group_by_length)
         for micro_batches in steps[step_in_epoch:]:
             tick = time.perf_counter()
+            micro_batches = [part for mb in micro_batches
+                             for part in split_by_tokens(mb, lengths, t.micro_batch_tokens, t.packing)]
             batches = [collate_packed([train_data.examples[i] for i in mb]) if t.packing
                        else collate([train_data.examples[i] for i in mb], pad_id) for mb in micro_batches]
             # Normalise by the targets of the whole accumulated batch (across processes too).

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.methods.test_dropout import _saved_bytes
+from tests.conftest import saved_bytes
 from tuneforge.models import load_model
 from tuneforge.models.rmsnorm import use_fused_rmsnorm
 
@@ -22,7 +22,7 @@ def test_matches_transformers(tiny_models, arch, dtype):
         if fused:
             assert use_fused_rmsnorm(model) == 2 * model.config.num_hidden_layers + 1
         x = x0.clone().requires_grad_(True)
-        y, saved = _saved_bytes(lambda: norm(x))
+        y, saved = saved_bytes(lambda: norm(x))
         (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
         grads.append((y.detach(), x.grad, norm.weight.grad.clone(), saved))
         norm.weight.grad = None

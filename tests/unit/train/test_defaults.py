@@ -14,6 +14,7 @@ def test_default_spec_levers():
     spec = JobSpec.model_validate({"model": "m", "data": {"train": "t"}})
     assert spec.training.precision == "auto" and spec.training.base_dtype == "auto"
     assert spec.training.group_by_length is True and spec.training.packing is False
+    assert spec.training.micro_batch_tokens is None
     assert spec.training.gradient_checkpointing is None  # auto: on for qlora only
     assert uses_gradient_checkpointing(spec) is False
     assert uses_gradient_checkpointing(spec.model_copy(update={"method": "qlora"})) is True
@@ -33,18 +34,21 @@ def test_default_run_uses_fast_paths(tiny_models, chat_file, tmp_path, monkeypat
     from tuneforge.train.loss import hidden_states_loss_sum
 
     used = {}
-    real_loss_fn_for, real_swap = recipe.loss_fn_for, recipe.use_byte_dropout
+    real_loss_fn_for, real_fuse = recipe.loss_fn_for, recipe.use_fused_lora
     monkeypatch.setattr(recipe, "loss_fn_for", lambda m: used.setdefault("loss", real_loss_fn_for(m)))
-    monkeypatch.setattr(recipe, "use_byte_dropout", lambda m: used.setdefault("dropouts", real_swap(m)))
+    monkeypatch.setattr(recipe, "use_fused_lora", lambda m: used.setdefault("fused", real_fuse(m)))
     spec = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "run", max_steps=1)
     del spec["training"]["precision"]
     spec["adapter"]["dropout"] = 0.05
     s = api.train(spec, progress=False)
-    assert used["dropouts"] == 14
-    from tuneforge.methods.dropout import DropoutLoraA
+    assert used["fused"] == 14  # every adapted linear of the 2-layer model
+    from tuneforge.methods.dropout import ByteDropout
+    from tuneforge.methods.fused_lora import FusedLoraLinear
 
-    model = used["loss"].args[0]  # the decoder the fast loss runs; its adapters were folded
-    assert sum(isinstance(m, DropoutLoraA) for m in model.modules()) == 14
+    model = used["loss"].args[0]  # the decoder the fast loss runs
+    assert sum(isinstance(m, FusedLoraLinear) for m in model.modules()) == 14
+    assert sum(isinstance(m, ByteDropout) for m in model.modules()) == 14
+    assert [type(layer.mlp).__name__ for layer in model.layers] == ["FusedLlamaMLP"] * 2
     assert used["loss"].func is hidden_states_loss_sum
     expected = "bfloat16" if cpu_has_fast_bf16() else "float32"
     assert s["precision"] == expected and s["base_dtype"] == expected

@@ -36,6 +36,20 @@ def test_grad_accum_matches_big_batch(tiny_models, chat_file, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_token_budget_split_matches_unsplit(tiny_models, chat_file, tmp_path, packing):
+    """micro_batch_tokens changes how a step is computed, not what: same losses and weights."""
+    a = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "a", batch_size=8, max_steps=3, packing=packing)
+    b = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "b", batch_size=8, max_steps=3, packing=packing,
+                  micro_batch_tokens=24)
+    sa, sb = api.train(a, progress=False), api.train(b, progress=False)
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
+    assert sa["tokens_seen"] == sb["tokens_seen"]
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+
+
 def test_resume_is_exact(tiny_models, chat_file, tmp_path):
     # Dropout on, so RNG state must be restored too; 2 steps per epoch so resume crosses an epoch.
     kw = dict(batch_size=4, max_steps=10, save_every=3)
