@@ -6,6 +6,7 @@ uneven lengths (`--lengths`), printing step time and the top operators by self C
 
     .venv/bin/python bench/profile_step.py --lengths 256,256,256,256
     .venv/bin/python bench/profile_step.py --lengths 512,400,300,200 --no-mask  # what padding's mask costs
+    .venv/bin/python bench/profile_step.py --lengths 512,400,300,200 --compile  # torch.compile per layer
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tuneforge.data.encode import IGNORE_INDEX, Example
 from tuneforge.models import resolve_model
 from tuneforge.spec import JobSpec
 from tuneforge.train.loss import loss_fn_for
-from tuneforge.train.recipe import build_model
+from tuneforge.train import recipe
 
 
 def main() -> None:
@@ -29,13 +30,20 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--no-mask", action="store_true", help="drop the padding mask (causal SDPA path)")
     ap.add_argument("--training", default="{}", help="JSON merged into the spec's training section")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (the lever's measurement)")
+    ap.add_argument("--unfused", action="store_true", help="peft's own LoRA forward (no methods/fused_lora.py)")
     args = ap.parse_args()
     import json
 
     spec = JobSpec.model_validate({"model": "smollm2-135m-instruct", "task": "chat", "data": {"train": "x.jsonl"},
                                    "adapter": {"target_modules": "all-linear"}, "training": json.loads(args.training)})
-    model = build_model(spec, resolve_model(spec.model), torch.device("cpu"), torch.bfloat16)
+    if args.unfused:
+        recipe.use_fused_lora = lambda model: 0
+    model = recipe.build_model(spec, resolve_model(spec.model), torch.device("cpu"), torch.bfloat16)
     model.train()
+    if args.compile:
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
     g = torch.Generator().manual_seed(0)
     examples = []
     for n in map(int, args.lengths.split(",")):
@@ -55,7 +63,9 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up
+    t0 = time.perf_counter()
+    step()  # warm-up (and compilation)
+    print(f"first step {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()

@@ -29,6 +29,7 @@ class _MaskedScale(torch.autograd.Function):
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
+@torch.compiler.disable  # the int64 -> uint8 view breaks AOT autograd's alias replay; run it eagerly
 def byte_uniforms(shape: torch.Size, device: torch.device | str = "cpu",
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """One uniform byte per element, drawn as 64-bit words (8 elements per draw)."""
