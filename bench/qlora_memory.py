@@ -44,7 +44,8 @@ def build_model(folder: Path) -> Path:
 
 
 # qlora turns gradient checkpointing on by default; lora+gc is bf16 LoRA with it on, for a like-for-like row.
-RUNS = ("lora", "lora+gc", "quantize", "qlora")
+# qlora+8bit adds bitsandbytes' 8-bit AdamW (training.optimizer: adamw_8bit).
+RUNS = ("lora", "lora+gc", "quantize", "qlora", "qlora+8bit")
 
 
 def child(model: Path, data: Path, out: Path, run: str, steps: int) -> dict:
@@ -58,10 +59,11 @@ def child(model: Path, data: Path, out: Path, run: str, steps: int) -> dict:
         t0 = time.perf_counter()
         quantized_copy(model, torch.bfloat16)
         return {"seconds": time.perf_counter() - t0}
-    method, _, gc = run.partition("+")
+    method, _, extra = run.partition("+")
     spec = {"model": str(model), "task": "chat", "data": {"train": str(data)}, "method": method,
             "training": {"max_steps": steps, "batch_size": 2, "max_seq_len": 256, "save_every": 10_000,
-                         "eval_every": 10_000, "precision": "bf16", "gradient_checkpointing": gc == "gc" or None},
+                         "eval_every": 10_000, "precision": "bf16", "gradient_checkpointing": extra == "gc" or None,
+                         "optimizer": "adamw_8bit" if extra == "8bit" else "adamw"},
             "output_dir": str(out)}
     t0 = time.perf_counter()
     s = api.train(spec, overwrite=True, progress=False)
@@ -73,6 +75,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--child", choices=RUNS)
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS) +
+                    " (keep quantize before the qlora runs: it fills the cache they load)")
     ap.add_argument("--model")
     ap.add_argument("--data")
     ap.add_argument("--out")
@@ -87,7 +91,7 @@ def main() -> None:
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {}
-    for method in RUNS:
+    for method in args.runs.split(","):
         # A fresh grandparent per method: RUSAGE_CHILDREN is a running maximum over all children.
         code = ("import json,resource,subprocess,sys; p=subprocess.run(sys.argv[1:],capture_output=True,text=True); "
                 "r=json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode==0 else {'error': p.stderr[-2000:]}; "
@@ -99,8 +103,10 @@ def main() -> None:
         if "error" in results[method]:
             raise SystemExit(f"{method} failed:\n{results[method]['error']}")
         print(f"{method}: peak RSS {results[method]['peak_rss_mb']:.0f} MB", file=sys.stderr)
-    results["rss_ratio_qlora_vs_lora"] = results["qlora"]["peak_rss_mb"] / results["lora"]["peak_rss_mb"]
-    results["rss_ratio_qlora_vs_lora_gc"] = results["qlora"]["peak_rss_mb"] / results["lora+gc"]["peak_rss_mb"]
+    for run in results.copy():
+        for base in ("lora", "lora+gc"):
+            if run.startswith("qlora") and base in results:
+                results[f"rss_ratio_{run}_vs_{base}"] = results[run]["peak_rss_mb"] / results[base]["peak_rss_mb"]
     print(json.dumps(results, indent=2))
 
 

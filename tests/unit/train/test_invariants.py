@@ -67,6 +67,23 @@ def test_resume_is_exact(tiny_models, chat_file, tmp_path):
         torch.testing.assert_close(ws[k], wp[k], atol=1e-6, rtol=1e-5)
 
 
+def test_adamw_8bit_trains_and_resumes_exactly(tiny_models, chat_file, tmp_path):
+    kw = dict(batch_size=4, max_steps=6, save_every=2, optimizer="adamw_8bit")
+    straight = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "straight", **kw)
+    straight["adapter"]["r"] = 64  # lora_A is 64 x 64 = 4096 elements: bitsandbytes' smallest 8-bit tensor
+    split = {**straight, "output_dir": str(tmp_path / "split")}
+    api.train(straight, progress=False)
+    api.train(split, progress=False, stop_after=3)
+    state = torch.load(next((tmp_path / "split" / "checkpoints").glob("step-*")) / "optimizer.pt", weights_only=True)
+    moments = [s.get("__bnb_optimizer_quant_state__", s) for s in state["state"].values()]
+    dtypes = {m[k].dtype for m in moments for k in ("state1", "state2") if k in m}
+    assert torch.uint8 in dtypes  # moments stored in 8 bits (bitsandbytes keeps tensors under 4096 in fp32)
+    api.train(split, progress=False, resume=True)
+    la, lb = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert la[-1] < la[0]
+    assert lb == pytest.approx(la, abs=1e-6)
+
+
 def test_half_written_checkpoint_is_ignored(tiny_models, chat_file, tmp_path):
     spec = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "run", max_steps=4)
     api.train(spec, progress=False, stop_after=2)
