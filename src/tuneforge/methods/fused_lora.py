@@ -155,11 +155,9 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _SwiGLUDown.apply(gate, up, *down._fused_args(name, x))
 
 
-_FUSED_MLP_CLASSES: dict[type, type] = {}
-
-
 # MLPs whose forward is exactly down(silu(gate(x)) * up(x)) (Phi-3: gate and up from one projection).
 SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Phi3MLP"}
+_FUSED_MLP_CLASSES: dict[type, type] = {}  # original MLP class -> its subclass with the fused forward
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
@@ -168,8 +166,8 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 
 def use_fused_lora(model: nn.Module) -> int:
-    """Give every plain peft LoRA Linear layer the fused forward, and SwiGLU MLPs (Llama, Mistral, Qwen2,
-    Phi-3) the recomputing product (CPU); return how many LoRA layers were fused."""
+    """Give every plain peft LoRA Linear layer the fused forward, and the SWIGLU_MLPS whose down_proj is
+    one of them the recomputed product (CPU); return how many LoRA layers were fused."""
     fused = 0
     for module in model.modules():
         if type(module) is PeftLoraLinear:
