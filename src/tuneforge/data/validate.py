@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, Problem
 
 TASKS = ("chat", "completion", "text", "classification", "qa", "translation", "creative", "ner")
 ROLES = ("system", "user", "assistant")
@@ -20,18 +20,6 @@ RECORD_KEYS = {"chat": ("messages",), "completion": ("prompt", "completion"), "t
                "translation": ("source", "target", "source_lang", "target_lang")}
 OPTIONAL_KEYS = {"qa": ("context",)}
 MESSAGE_KEYS = ("role", "content", "weight")
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    line: int | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.path} line {self.line}" if self.line is not None else self.path
-        return f"{where}: {self.field}: {self.message}"
 
 
 @dataclass
@@ -54,7 +42,8 @@ class ValidationReport:
         if len(self.errors) > limit:
             shown.append(f"... and {len(self.errors) - limit} more")
         shown.append(f"fix these lines (see `tuneforge data validate {self.path} --task {self.task}`) and run again")
-        raise DataError(f"{self.path}: {len(self.errors)} problem(s) in {self.task} data:\n  " + "\n  ".join(shown))
+        raise DataError(f"{self.path}: {len(self.errors)} problem(s) in {self.task} data:\n  " + "\n  ".join(shown),
+                        problems=self.errors)
 
 
 def _type_name(value) -> str:
