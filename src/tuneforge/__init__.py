@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {
     "train": "tuneforge.api", "generate": "tuneforge.api", "load": "tuneforge.api", "merge": "tuneforge.api",
-    "summary": "tuneforge.api", "evaluate": "tuneforge.api", "report": "tuneforge.api", "TuneforgeError": "tuneforge.errors", "JobSpec": "tuneforge.spec",
+    "summary": "tuneforge.api", "evaluate": "tuneforge.api", "report": "tuneforge.api", "RunSummary": "tuneforge.api",
+    "RunEvent": "tuneforge.api", "StopRequest": "tuneforge.api", "TuneforgeError": "tuneforge.errors", "JobSpec": "tuneforge.spec",
     "build_spec": "tuneforge.spec", "load_spec": "tuneforge.spec",
 }
 __all__ = sorted(_EXPORTS)

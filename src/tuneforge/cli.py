@@ -5,8 +5,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
+from contextlib import contextmanager
 
 
 def _quiet_libraries() -> None:
@@ -23,22 +25,61 @@ def _quiet_libraries() -> None:
         pass
 
 
+@contextmanager
+def stop_on_signals(stop):
+    """Ctrl-C or SIGTERM (a scheduler or container stop) while training: finish the step, write a
+    checkpoint, exit 130/143. Outside the training loop, or a second time, they interrupt at once."""
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.armed and not stop:
+            stop.request(name)
+            print(f"\n{name}: stopping after this step, with a checkpoint (press Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+            return
+        stop.request(name)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_train(args) -> int:
     from tuneforge import api
+    from tuneforge.hardware import resolve_device
+    from tuneforge.train.allocator import return_big_buffers_to_os
+    from tuneforge.train.events import ConsoleProgress, StopRequest
 
-    summary = api.train(args.spec, overrides=args.set, resume=args.resume, overwrite=args.overwrite,
-                        stop_after=args.stop_after, progress=not args.quiet)
+    job = api.resolve_job(args.spec, args.set, resume=args.resume)
+    if job.method == "qlora" and resolve_device(job.device).type == "cpu":
+        return_big_buffers_to_os()  # process-wide, so set here at the entry point (see train/allocator.py)
+    stop = StopRequest()
+    console = ConsoleProgress(bar=not args.quiet)
+    try:
+        with stop_on_signals(stop):
+            summary = api.train(job, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+                                on_event=console, stop=stop)
+    finally:
+        console.close()  # an error message must not land inside the progress bar
     if args.json:
-        print(json.dumps(summary, indent=2))
-    elif "report" in summary:
-        print(f"before/after report: {summary['report']}", file=sys.stderr)
+        print(summary.model_dump_json(indent=2))
+    elif summary.report:
+        print(f"before/after report: {summary.report}", file=sys.stderr)
+    if summary.status == "stopped" and summary.stop_reason in ("SIGINT", "SIGTERM"):
+        return 128 + signal.Signals[summary.stop_reason].value
     return 0
 
 
 def cmd_data_validate(args) -> int:
-    from tuneforge.data.stats import describe_file
+    from tuneforge.data.stats import describe
 
-    text, ok = describe_file(args.file, args.task, model=args.model, max_seq_len=args.max_seq_len, as_json=args.json)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    text, ok = describe(args.file, spec=args.spec, task=args.task, labels=labels, prompt_template=args.prompt_template,
+                        model=args.model, max_seq_len=args.max_seq_len, as_json=args.json)
     print(text)
     return 0 if ok else 1
 
@@ -69,7 +110,16 @@ def cmd_merge(args) -> int:
 def cmd_generate(args) -> int:
     from tuneforge import api
 
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    from tuneforge.errors import SpecError
+
+    if args.prompt:
+        prompts = args.prompt
+    elif sys.stdin is None or sys.stdin.isatty():
+        raise SpecError("no prompts: pass --prompt TEXT (repeatable) or pipe one prompt per line on stdin")
+    else:
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not prompts:
+            raise SpecError("no prompts: stdin was empty; pass --prompt TEXT or pipe one prompt per line")
     loaded = api.load(args.model, task=args.task, prompt_template=args.prompt_template)
     for prompt, answer in zip(prompts, api.generate(loaded, prompts, max_new_tokens=args.max_new_tokens,
                                                      temperature=args.temperature)):
@@ -125,6 +175,22 @@ def cmd_demo(args) -> int:
     return run_demo(args.output_dir, epochs=args.epochs, overwrite=True)
 
 
+def _number(kind, low: float, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not value >= low:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, "a whole number of at least 1")
+non_negative_float = _number(float, 0.0, "0 or more")
+
 TEMPLATE_HELP = "prompt format string over the record's fields, e.g. 'Review: {text}\\nSentiment:' (default: the run's)"
 
 
@@ -135,22 +201,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="run a fine-tuning job from a YAML spec")
-    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("spec", help="job spec (YAML); with --resume also a run folder (resumed where it now lies)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.lr=1e-4")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run in output_dir first")
-    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps, leaving a resumable checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="remove what an earlier run wrote in output_dir first "
+                   "(only a folder tuneforge made; your own files in it stay)")
+    p.add_argument("--stop-after", type=positive_int, metavar="N", help="stop after N steps, leaving a resumable checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or start-up messages (warnings and the last line stay)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="inspect training data")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     v = dsub.add_parser("validate", help="check a JSONL file: every problem as FILE line N: field: problem")
-    v.add_argument("file")
-    v.add_argument("--task", default="chat", choices=TASKS)
-    v.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer for token counts ('none' to skip)")
-    v.add_argument("--max-seq-len", type=int, default=512)
+    v.add_argument("file", nargs="?", help="JSONL file (optional with --spec: then the spec's data files)")
+    v.add_argument("--spec", metavar="JOB.yaml", help="check as `train JOB.yaml` would: its files, task, labels, "
+                   "prompt and chat templates, model and max_seq_len (options given here win)")
+    v.add_argument("--task", choices=TASKS, help="default: the spec's, else chat")
+    v.add_argument("--labels", help="classification: comma-separated label set, e.g. pos,neg")
+    v.add_argument("--prompt-template", help=TEMPLATE_HELP.replace("(default: the run's)", "(default: the spec's)"))
+    v.add_argument("--model", help="tokenizer for token counts and chat-template checks ('none' to skip; "
+                   "default: the spec's, else smollm2-135m-instruct)")
+    v.add_argument("--max-seq-len", type=int, help="default: the spec's training.max_seq_len, else 512")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_data_validate)
     g = dsub.add_parser("generate", help="write a shipped dataset (support tickets) as JSONL")
@@ -167,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("chat", cmd_chat, "chat interactively with a run or model")):
         p = sub.add_parser(name, help=text)
         p.add_argument("model", help="run folder, model alias or folder")
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--max-new-tokens", type=positive_int, default=128)
+        p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="prompt (repeatable; default: one per stdin line)")
             p.add_argument("--task", choices=TASKS, help="default: the run's task")
@@ -182,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run folder, model alias or folder")
     p.add_argument("--data", required=True, help="held-out JSONL")
     p.add_argument("--task", choices=TASKS, help="default: the run's task")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--max-seq-len", type=positive_int, default=512)
     p.add_argument("--labels", help="classification: comma-separated label set (default: the run's)")
     p.add_argument("--prompt-template", help=TEMPLATE_HELP)
     p.add_argument("--json", action="store_true", help="metrics and outputs as JSON")
@@ -195,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="fine-tune SmolLM2 on ticket triage and show before/after")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--output-dir", default="runs/demo", help="run folder (replaced if an earlier demo made it)")
+    p.add_argument("--epochs", type=non_negative_float, default=2)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -213,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted; a run can continue with `tuneforge train SPEC --resume`", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
 
 

@@ -37,13 +37,18 @@ def _clip(text: str, width: int = 70) -> str:
 
 
 def run_demo(output_dir: str = "runs/demo", epochs: float = 2, overwrite: bool = True) -> int:
+    """Replaces an earlier demo's run in `output_dir` (only a folder tuneforge made; checked first)."""
+    from tuneforge.spec import build_spec
+    from tuneforge.train.recipe import plan_output
+
     started = time.time()
     data_dir = Path("data/generated/demo")
+    spec = {**DEMO_SPEC, "output_dir": output_dir,
+            "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "valid.jsonl")},
+            "training": {**DEMO_SPEC["training"], "epochs": epochs}}
+    plan_output(build_spec(spec), resume=False, overwrite=overwrite)  # before any work or write
     paths = write_demo_data(data_dir)
     heldout = [json.loads(l) for l in Path(paths["heldout"]).read_text().splitlines() if l.strip()]
-    spec = {**DEMO_SPEC, "output_dir": output_dir,
-            "data": {"train": str(paths["train"]), "validation": str(paths["valid"])},
-            "training": {**DEMO_SPEC["training"], "epochs": epochs}}
 
     print(f"[1/3] base model on {len(heldout)} held-out tickets …", file=sys.stderr)
     base = api.load("smollm2-135m-instruct")
@@ -65,13 +70,13 @@ def run_demo(output_dir: str = "runs/demo", epochs: float = 2, overwrite: bool =
     lines += ["", f"{'metric (n=' + str(len(heldout)) + ')':<22}{'base':>10}{'fine-tuned':>12}"]
     for key in ("format_rate", "category_accuracy", "urgency_accuracy", "exact_match"):
         lines.append(f"{key:<22}{base_metrics[key]:>10.1%}{tuned_metrics[key]:>12.1%}")
-    lines += ["", f"training: {summary['steps']} steps, {summary['train_tokens']:,} tokens/epoch, "
-                  f"{summary['tokens_per_second']:.0f} tokens/s, final eval loss {summary['final_eval_loss']:.3f}, "
-                  f"peak RSS {summary['peak_rss_mb']:.0f} MB",
+    lines += ["", f"training: {summary.steps} steps, {summary.train_tokens:,} tokens/epoch, "
+                  f"{summary.tokens_per_second:.0f} tokens/s, final eval loss {summary.final_eval_loss:.3f}, "
+                  f"peak RSS {summary.peak_rss_mb:.0f} MB",
               f"demo wall time {time.time() - started:.0f} s; run folder: {output_dir} "
               f"(try: .venv/bin/tuneforge chat {output_dir})"]
     print("\n".join(lines))
-    report = {"base": base_metrics, "fine_tuned": tuned_metrics, "summary": summary,
+    report = {"base": base_metrics, "fine_tuned": tuned_metrics, "summary": summary.model_dump(),
               "examples": [{"ticket": r["messages"][-2]["content"], "reference": r["messages"][-1]["content"],
                             "base": b, "fine_tuned": t} for r, b, t in zip(heldout, base_out, tuned_out)]}
     (Path(output_dir) / "demo_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -5,6 +5,7 @@ reported at once as `FILE line N: field: problem`, and an unknown key names the 
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneforge.errors import SpecError
+from tuneforge.errors import Problem, SpecError
 
 Task = Literal["chat", "completion", "text", "classification", "qa", "translation", "creative", "ner"]
 Method = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "full"]
@@ -84,7 +85,23 @@ class AdapterSpec(_Strict):
     )
 
 
+class KernelChoice(_Strict):
+    loss: Literal["auto", "library"] = Field("auto", description="auto: chunked target-only cross-entropy.")
+    rmsnorm: Literal["auto", "library"] = Field("auto", description="auto: the fused RMSNorm autograd node.")
+    dropout: Literal["auto", "library"] = Field("auto", description="auto: byte-mask adapter dropout (CPU).")
+    lora: Literal["auto", "library"] = Field("auto", description="auto: the fused LoRA layer (CPU).")
+
+
 class TrainingSpec(_Strict):
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _kernels_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in ("auto", "library"):
+                raise ValueError("must be auto, library, or a mapping of loss/rmsnorm/dropout/lora to auto|library")
+            return {part: v for part in KernelChoice.model_fields}
+        return v
+
     epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
@@ -115,6 +132,10 @@ class TrainingSpec(_Strict):
         None, ge=16, description="Split a micro-batch whose padded size (rows x longest; packed: total length) "
         "exceeds this many tokens into near-equal parts run one after another. The update is the same (the loss "
         "is normalised over the whole step); peak activation memory follows the budget, not the longest batch.")
+    kernels: KernelChoice = Field(
+        default_factory=lambda: KernelChoice(), description="Implementations of the step's hot parts (loss, rmsnorm, dropout, lora): auto = "
+        "tuneforge's measured fast paths where they apply, library = plain transformers/peft; or a mapping per "
+        "part, e.g. {lora: library}. The resolved choice is recorded in summary.json (see train/kernels.py).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     packing: bool = Field(False, description="Padding-free: each micro-batch as one row, attention kept within "
                           "each example. Same loss and gradients; see docs/benchmarks.md for when it pays.")
@@ -207,10 +228,21 @@ def _yaml_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+def _overridden_by(loc: tuple, overridden: set[tuple]) -> tuple | None:
+    """The --set key an error at `loc` comes from: that key, a key under it, or a key above it."""
+    for key in sorted(overridden, key=len, reverse=True):
+        n = min(len(key), len(loc))
+        if n and key[:n] == loc[:n]:
+            return key
+    return None
+
+
+def _problems(err: ValidationError, source: str, lines: dict[tuple, int], overridden: set[tuple]) -> list[Problem]:
     problems = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+        # Drop pydantic's own location parts (validator names, the branches of `kernels: str | mapping`).
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or
+                                                                        False)))
         dotted = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             valid = _fields_at(JobSpec, loc)
@@ -227,23 +259,61 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], o
                 dotted = located.group(1)
             elif "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        where = source
-        if loc in overridden:
-            where = f"--set {dotted}"
+        key = _overridden_by(loc, overridden)
+        if key is not None:
+            problems.append(Problem("--set " + ".".join(key), None, dotted, msg))
         elif loc in lines or loc[:-1] in lines:
-            where = f"{source} line {lines.get(loc) or lines[loc[:-1]]}"
-        problems.append(f"{where}: {dotted}: {msg}")
-    return f"invalid job spec ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+            problems.append(Problem(source, lines.get(loc) or lines[loc[:-1]], dotted, msg))
+        else:
+            problems.append(Problem(source, None, dotted, msg))
+    return problems
+
+
+def _annotation_at(parts: list[str] | tuple) -> tuple[bool, Any]:
+    """(the path names a spec field, its type annotation) for e.g. ['data', 'prompt_template']."""
+    current: Any = JobSpec
+    annotation = None
+    for part in parts:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return False, None
+        annotation = current.model_fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return True, annotation
+
+
+def _is_section(annotation: Any) -> bool:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    return any(isinstance(c, type) and issubclass(c, BaseModel) for c in candidates)
+
+
+def _text_field(parts: list[str]) -> tuple[bool, bool]:
+    """(the field holds free text, it may be null): `--set` takes such values as written, not as YAML."""
+    found, annotation = _annotation_at(parts)
+    if not found:
+        return False, False
+    if annotation is str:
+        return True, False
+    return set(getattr(annotation, "__args__", ())) == {str, type(None)}, True
+
+
+def _format_errors(problems: list[Problem]) -> str:
+    return f"invalid job spec ({len(problems)} problem(s)):\n  " + "\n  ".join(map(str, problems))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`training.lr=1e-4` -> (['training', 'lr'], 0.0001); values are parsed as YAML."""
+    """`training.lr=1e-4` -> (['training', 'lr'], 0.0001). Values are parsed as YAML, except for text fields
+    (templates, paths, names), taken as written (`null` or nothing clears an optional one)."""
     if "=" not in item:
-        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4")
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4",
+                        [Problem("--set", None, item, "expected KEY=VALUE")])
     key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
+    parts = [p.strip() for p in key.strip().split(".")]
     if not all(parts):
-        raise SpecError(f"--set {item!r}: empty key segment in {key!r}")
+        raise SpecError(f"--set {item!r}: empty key segment in {key!r}", [Problem("--set", None, key, "empty key segment")])
+    text, nullable = _text_field(parts)
+    if text:
+        return parts, None if nullable and raw.strip() in ("", "null", "~") else raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -259,10 +329,18 @@ def build_spec(
     yaml_text: str | None = None,
 ) -> JobSpec:
     """Validate a dict (+ overrides) into a JobSpec, raising SpecError listing every problem."""
-    data: dict[str, Any] = dict(raw or {})
+    data: dict[str, Any] = copy.deepcopy(dict(raw or {}))  # overrides must not edit the caller's dict
     overridden: set[tuple] = set()
+    path_problems = []
     for item in overrides:
         parts, value = parse_override(item)
+        leaf = next((i for i in range(1, len(parts)) if _annotation_at(parts[:i])[0]
+                     and not _is_section(_annotation_at(parts[:i])[1])), None)
+        if leaf is not None:  # e.g. training.lr.x: lr is a value, not a section
+            name = ".".join(parts[:leaf])
+            path_problems.append(Problem("--set " + ".".join(parts), None, name,
+                                         f"is a single value, not a section; use --set {name}=VALUE"))
+            continue
         node = data
         for p in parts[:-1]:
             nxt = node.get(p)
@@ -272,29 +350,41 @@ def build_spec(
             node = nxt
         node[parts[-1]] = value
         overridden.add(tuple(parts))
+    problems = list(path_problems)
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_format_errors(err, source, _yaml_lines(yaml_text or ""), overridden)) from None
+        problems += _problems(err, source, _yaml_lines(yaml_text or ""), overridden)
+    if problems:
+        raise SpecError(_format_errors(problems), problems) from None
+    return spec
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read a YAML spec file. Relative data paths stay relative to the current directory."""
     path = Path(path)
+
+    def fail(message: str, field: str, line: int | None = None) -> SpecError:
+        return SpecError(f"{path}{f' line {line}' if line else ''}: {message}", [Problem(str(path), line, field, message)])
+
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found") from None
+        raise fail("spec file not found", "file") from None
+    except IsADirectoryError:
+        hint = "; it is a run folder: add --resume to continue it" if (path / "spec.yaml").is_file() else ""
+        raise fail(f"is a folder, expected a YAML spec file{hint}", "file") from None
     except UnicodeDecodeError as e:
-        raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise fail(f"not UTF-8 text ({e.reason} at byte {e.start})", "file") from None
+    except OSError as e:
+        raise fail(f"cannot read the spec file: {e.strerror or e}", "file") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path} line {mark.line + 1}" if mark else str(path)
-        raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        raise fail(f"not valid YAML: {getattr(e, 'problem', e)}", "yaml", mark.line + 1 if mark else None) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: the spec must be a YAML mapping (key: value), got {type(raw).__name__}")
+        raise fail(f"the spec must be a YAML mapping (key: value), got {type(raw).__name__}", "(top level)")
     return build_spec(raw, overrides, source=str(path), yaml_text=text)

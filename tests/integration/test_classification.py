@@ -48,7 +48,7 @@ def test_train_eval_report(tiny_models, tmp_path):
     assert "| accuracy |" in (tmp_path / "run" / "report.md").read_text()
     with pytest.raises(DataError):
         api.evaluate(tmp_path / "run", write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "label": "meh"}]))
-    assert s["status"] == "succeeded"
+    assert s.status == "succeeded"
     # The run remembers its template: evaluating with the default template instead gives a higher loss.
     assert api.load(tmp_path / "run").prompt_template == "Review: {text}\nSentiment:"
     other = api.evaluate(tmp_path / "run", held, prompt_template="Text: {text}\nLabel:")

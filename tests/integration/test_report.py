@@ -16,7 +16,7 @@ def test_train_with_eval_writes_before_after_report(tiny_models, chat_file, tmp_
     spec["eval"] = {"data": str(held), "max_new_tokens": 8, "examples": 2}
     s = api.train(spec, progress=False)
     run = tmp_path / "run"
-    assert s["report"] == str(run / "report.md")
+    assert s.report == str(run / "report.md")
     report = json.loads((run / "report.json").read_text())
     base, tuned = report["base"], report["fine_tuned"]
     # Trained on these very replies: the fine-tuned model must fit them better than the random base.

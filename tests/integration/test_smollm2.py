@@ -15,10 +15,10 @@ def test_real_model_trains(smollm2_path, tmp_path, method):
             "training": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "max_seq_len": 64, "warmup_ratio": 0.0},
             "output_dir": str(tmp_path / "run")}
     s = api.train(spec, progress=False)
-    assert s["model_type"] == "llama" and s["steps"] == 3
-    assert s["final_train_loss"] < 4.0  # an instruct model already predicts these short replies well
+    assert s.model_type == "llama" and s.steps == 3
+    assert s.final_train_loss < 4.0  # an instruct model already predicts these short replies well
     if method == "qlora":
         # 210 linear layers of SmolLM2 at 4 bits: ~50.6 MiB instead of 202.5 MiB in bf16.
-        assert 45e6 < s["base_weight_bytes"]["nf4"] < 56e6
+        assert 45e6 < s.base_weight_bytes["nf4"] < 56e6
     out = api.generate(api.load(tmp_path / "run"), ["Say hi"], max_new_tokens=4)
     assert isinstance(out[0], str)

@@ -3,14 +3,19 @@
 Chat loss masks come from the tokenizer's own chat template, not from hard-coded markers: the
 conversation is rendered once, and each trainable assistant turn's character span is found by
 rendering the conversation up to that turn with and without it. Tokens that lie inside a span
-(the reply and the template's end-of-turn marker) are targets; everything else is masked.
+(the reply or tool calls, and the template's end-of-turn marker) are targets; everything else,
+tool results included, is masked.
+
+A record the chat template cannot render (it raises, or would drop the record's tool calls) is a
+`DataError` whose problems name the record's line; `encode_records` reports every such record at once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tuneforge.data import templates
-from tuneforge.errors import DataError
+from tuneforge.data.chat import template_message, template_messages, tool_problems
+from tuneforge.errors import DataError, Problem
 
 IGNORE_INDEX = -100
 
@@ -33,28 +38,47 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in messages],
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-    )
+def _record_error(problems: list[tuple[str, str]]) -> DataError:
+    """A problem of one record; `encode_records` adds its file and line."""
+    return DataError("\n".join(f"{field}: {message}" for field, message in problems),
+                     problems=[Problem(None, None, field, message) for field, message in problems])
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages`; return the text and the (start, end) character spans of trainable replies."""
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    """`messages` (normalised by data/chat.py) as the chat template writes them."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    # Templates refuse conversations they do not support (raise_exception -> TemplateError), transformers
+    # refuses an empty one (ValueError), and `+` on a value a template did not expect raises TypeError.
+    except (jinja2.TemplateError, ValueError, TypeError) as e:
+        raise _record_error([("messages", f"the chat template failed: {e}")]) from None
+
+
+def _check_renders(tokenizer, record: dict) -> None:
+    problems = tool_problems(tokenizer, record)
+    if problems:
+        raise _record_error(problems)
+
+
+def assistant_spans(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` (a record's); return the text and the (start, end) character spans of trainable
+    assistant turns (replies and tool calls)."""
+    rendered = [template_message(m) for m in messages]
+    full = _render(tokenizer, rendered, False, tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = _render(tokenizer, rendered[:i], True, tools)
+        upto = _render(tokenizer, rendered[: i + 1], False, tools)
         if not full.startswith(prompt):
-            raise DataError(
-                "the tokenizer's chat template renders a conversation prefix differently from the whole "
-                "conversation, so assistant turns cannot be located; use task: completion instead"
-            )
+            raise _record_error([(
+                f"messages[{i}]", "the tokenizer's chat template renders the conversation before this turn "
+                "differently from the whole conversation, so the turn cannot be located; use task: completion instead"
+            )])
         # `upto` may end with text the full rendering does not have at that point (Phi-3 appends
         # eos after the last turn), so the span ends where the two renderings part.
         end = _common_prefix_len(upto, full)
@@ -80,7 +104,8 @@ def encode_chat(tokenizer, record: dict) -> Example:
             "task 'chat' needs a tokenizer with a chat template, and this model's has none; "
             "use task: completion (prompt/completion pairs) or a chat/instruct model"
         )
-    text, spans = assistant_spans(tokenizer, record["messages"])
+    _check_renders(tokenizer, record)
+    text, spans = assistant_spans(tokenizer, record["messages"], record.get("tools") or None)
     return _tokens_in_spans(tokenizer, text, spans)
 
 
@@ -117,11 +142,17 @@ def encode_example(tokenizer, task: str, record: dict, template: str | None = No
 
 
 def encode_prompt(tokenizer, task: str, prompt: str | list[dict] | dict, template: str | None = None) -> list[int]:
-    """Token ids a model should continue at inference time (chat: the chat template plus generation
-    prompt; other tasks: a record dict or a bare string, filled into the task's prompt template)."""
+    """Token ids a model should continue at inference time (chat: a user message, a list of messages or a
+    record with `messages` and `tools`, through the chat template plus generation prompt; other tasks: a
+    record dict or a bare string, filled into the task's prompt template)."""
     if task == "chat":
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = _render(tokenizer, messages, add_generation_prompt=True)
+        if isinstance(prompt, str):
+            record = {"messages": [{"role": "user", "content": prompt}]}
+        else:
+            record = prompt if isinstance(prompt, dict) else {"messages": prompt}
+        _check_renders(tokenizer, record)
+        messages, tools = template_messages(record)
+        text = _render(tokenizer, messages, True, tools)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if task in templates.DEFAULT_TEMPLATES:
         prompt = templates.fill(task, prompt, template)
@@ -138,13 +169,42 @@ class EncodedData:
     total_tokens: int
 
 
+def encode_each(tokenizer, task: str, records: list[dict], lines: list[int], template: str | None = None,
+                source: str | None = None) -> tuple[list[tuple[int, Example]], list[Problem]]:
+    """(line, example) for every record that encodes, and the problems of those that do not, at their
+    `source` (file name) and line. A problem of the whole setup (no chat template) still raises."""
+    encoded, problems = [], []
+    for record, line in zip(records, lines):
+        try:
+            encoded.append((line, encode_example(tokenizer, task, record, template)))
+        except DataError as e:
+            if not e.problems:
+                raise
+            problems += [Problem(source, line, p.field, p.message) for p in e.problems]
+    return encoded, problems
+
+
+def raise_problems(problems: list[Problem], source: str | None, limit: int = 50) -> None:
+    """Raise the problems of records the tokenizer cannot encode, all at once (nothing if there are none)."""
+    if not problems:
+        return
+    shown = [str(p) if p.source else f"line {p.line}: {p.field}: {p.message}" for p in problems[:limit]]
+    if len(problems) > limit:
+        shown.append(f"... and {len(problems) - limit} more")
+    n = len({p.line for p in problems})
+    raise DataError(f"{source or 'data'}: {n} example(s) cannot be rendered by this model's chat template:\n  "
+                    + "\n  ".join(shown), problems=problems)
+
+
 def encode_records(tokenizer, task: str, records: list[dict], lines: list[int], max_seq_len: int,
-                   overlong: str = "truncate", template: str | None = None) -> EncodedData:
-    """Encode every record; over-long examples are truncated (keeping the start) or dropped."""
+                   overlong: str = "truncate", template: str | None = None, source: str | None = None) -> EncodedData:
+    """Encode every record; over-long examples are truncated (keeping the start) or dropped. Records the
+    tokenizer cannot encode are one DataError naming `source` (the file) and each line."""
+    encoded, problems = encode_each(tokenizer, task, records, lines, template, source)
+    raise_problems(problems, source)
     out, kept_lines = [], []
     truncated = dropped = longest = total = 0
-    for record, line in zip(records, lines):
-        ex = encode_example(tokenizer, task, record, template)
+    for line, ex in encoded:
         longest = max(longest, len(ex.input_ids))
         if len(ex.input_ids) > max_seq_len:
             if overlong == "drop":

@@ -13,11 +13,41 @@ NONE = "none"
 _BIO = re.compile(r"^(O|[BI]-.+)$")
 
 
+def bio_to_spans(tags: list[str]) -> list[tuple[int, int, str]]:
+    """BIO tags -> (start, end_exclusive, label) token spans.
+
+    Follows conlleval: an I-X that does not continue a span of label X (after O, after another label, or at
+    the start) opens a new span instead of being dropped.
+    """
+    spans: list[tuple[int, int, str]] = []
+    start: int | None = None
+    label: str | None = None
+    for i, tag in enumerate(tags):
+        if tag == "O":
+            prefix, tag_label = "O", None
+        elif len(tag) > 2 and tag[1] == "-" and tag[0] in "BI":
+            prefix, tag_label = tag[0], tag[2:]
+        else:
+            raise ValueError(f"tag {i} {tag!r} is not BIO: expected 'O', 'B-<label>' or 'I-<label>'")
+        continues = prefix == "I" and label == tag_label
+        if not continues and start is not None:
+            spans.append((start, i, label))  # type: ignore[arg-type]
+            start, label = None, None
+        if prefix != "O" and not continues:
+            start, label = i, tag_label
+    if start is not None:
+        spans.append((start, len(tags), label))  # type: ignore[arg-type]
+    return spans
+
+
+def record_text(record: dict) -> str:
+    """The text to tag: `text`, or the tokens joined by spaces (entities or tags are not needed)."""
+    return " ".join(record["tokens"]) if "tokens" in record else record["text"]
+
+
 def text_and_spans(record: dict) -> tuple[str, list[tuple[int, int, str]]]:
     """(text, [(start, end, label)]) for either input format."""
     if "tokens" in record:
-        from tuneforge.evaluate.metrics import bio_to_spans
-
         starts, pos = [], 0
         for tok in record["tokens"]:
             starts.append(pos)
@@ -69,10 +99,22 @@ def check_ner(rec: dict) -> list[tuple[str, str]]:
         return [("text", "must be a non-empty string (or give tokens + tags)")]
     if not isinstance(entities, list):
         return [("entities", 'must be a list of {"start", "end", "label"} (may be empty)')]
-    problems = []
+    problems, valid = [], []
     for i, e in enumerate(entities):
         ok = (isinstance(e, dict) and type(e.get("start")) is int and type(e.get("end")) is int
               and isinstance(e.get("label"), str) and e["label"] and 0 <= e["start"] < e["end"] <= len(text))
         if not ok:
             problems.append((f"entities[{i}]", f"needs integer start < end within the text (0..{len(text)}) and a label"))
+            continue
+        # The answer lists entities in text order; overlapping ones cannot both be exact matches.
+        for j, other in valid:
+            surface = f"'{text[other['start']:other['end']]}'"
+            if (e["start"], e["end"]) == (other["start"], other["end"]):
+                same = e["label"] == other["label"]
+                problems.append((f"entities[{i}]", f"duplicates entities[{j}] ({other['start']}..{other['end']} {surface})"
+                                 if same else f"has the same span as entities[{j}] "
+                                 f"({other['start']}..{other['end']} {other['label']} {surface})"))
+            elif e["start"] < other["end"] and other["start"] < e["end"]:
+                problems.append((f"entities[{i}]", f"overlaps entities[{j}] ({other['start']}..{other['end']} {surface})"))
+        valid.append((i, e))
     return problems

@@ -67,10 +67,10 @@ def check_template(task: str, template: str) -> str | None:
 
 
 def _fields(task: str, record: dict) -> dict:
-    if task == "ner":
-        from tuneforge.data.ner import text_and_spans
+    if task == "ner":  # only the text: a bare prompt at inference time has no entities
+        from tuneforge.data.ner import record_text
 
-        return {"text": text_and_spans(record)[0]}
+        return {"text": record_text(record)}
     fields = {k: v for k, v in record.items() if isinstance(v, str)}
     if task == "qa":
         context = record.get("context")

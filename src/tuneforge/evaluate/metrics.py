@@ -11,6 +11,8 @@ import string
 from collections import Counter
 from collections.abc import Hashable, Sequence
 
+from tuneforge.data.ner import bio_to_spans  # re-exported: data formats live in data/, metrics import them
+
 __all__ = [
     "accuracy",
     "macro_f1",
@@ -78,33 +80,6 @@ def macro_f1(predictions: list[str], references: list[str], labels: list[str] | 
 
 
 # --- NER ----------------------------------------------------------------------------------------------------
-
-
-def bio_to_spans(tags: list[str]) -> list[tuple[int, int, str]]:
-    """BIO tags -> (start, end_exclusive, label) token spans.
-
-    Follows conlleval: an I-X that does not continue a span of label X (after O, after another label, or at
-    the start) opens a new span instead of being dropped.
-    """
-    spans: list[tuple[int, int, str]] = []
-    start: int | None = None
-    label: str | None = None
-    for i, tag in enumerate(tags):
-        if tag == "O":
-            prefix, tag_label = "O", None
-        elif len(tag) > 2 and tag[1] == "-" and tag[0] in "BI":
-            prefix, tag_label = tag[0], tag[2:]
-        else:
-            raise ValueError(f"tag {i} {tag!r} is not BIO: expected 'O', 'B-<label>' or 'I-<label>'")
-        continues = prefix == "I" and label == tag_label
-        if not continues and start is not None:
-            spans.append((start, i, label))  # type: ignore[arg-type]
-            start, label = None, None
-        if prefix != "O" and not continues:
-            start, label = i, tag_label
-    if start is not None:
-        spans.append((start, len(tags), label))  # type: ignore[arg-type]
-    return spans
 
 
 def entity_prf(predicted: list[list[tuple]], gold: list[list[tuple]]) -> dict:

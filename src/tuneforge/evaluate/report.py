@@ -39,14 +39,13 @@ def _plot(base: dict, tuned: dict, out: Path) -> None:
 
 def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new_tokens: int = 64,
                  examples: int = 5, generate_n: int | None = None, progress: bool = True) -> Path:
-    from tuneforge import api
     from tuneforge.data.validate import validate_jsonl
+    from tuneforge.inference import load, require_finished_run
     from tuneforge.evaluate.runner import evaluate_records
     from tuneforge.spec import load_spec
 
     run = Path(run_dir)
-    if not (run / "spec.yaml").exists():
-        raise CheckpointError(f"{run} is not a run folder (no spec.yaml)")
+    require_finished_run(run)  # before evaluating anything
     spec = load_spec(run / "spec.yaml")
     data = data or (spec.eval.data if spec.eval else None) or spec.data.validation
     if not data:
@@ -55,8 +54,8 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
     records.raise_if_errors()
     kw = dict(max_seq_len=spec.training.max_seq_len, max_new_tokens=max_new_tokens, generate_n=generate_n,
               labels=spec.labels, progress=progress)
-    base = evaluate_records(api.load(spec.model, like=spec), spec.task, records.records, **kw)
-    tuned = evaluate_records(api.load(run), spec.task, records.records, **kw)
+    base = evaluate_records(load(spec.model, like=spec), spec.task, records.records, **kw)
+    tuned = evaluate_records(load(run), spec.task, records.records, **kw)
 
     lines = [f"# Before / after: {spec.method} on {spec.model}", "",
              f"Held-out data: `{data}` ({len(records.records)} examples, task `{spec.task}`); same data and greedy "

@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 
 from tuneforge.data.batching import collate
-from tuneforge.data import templates
+from tuneforge.data import chat, templates
 from tuneforge.data.encode import IGNORE_INDEX, encode_example, encode_records
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import SpecError
+from tuneforge.hardware import cpu_has_fast_bf16
+from tuneforge.train.loss import dataset_loss
 from tuneforge.evaluate.metrics import (accuracy, bleu, chrf, distinct_n, entity_prf, exact_match, macro_f1, perplexity,
                                         rule_checks, squad_scores, token_f1)
 
@@ -49,7 +51,7 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
     if task == "chat":
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return msgs[:last], msgs[last]["content"]
+        return msgs[:last], chat.message_text(msgs[last])  # a string, or text parts joined
     if task == "creative" and "text" in record:  # free text: continue its opening words
         words = record["text"].split()
         return {"text": " ".join(words[:CREATIVE_PROMPT_WORDS])}, " ".join(words[CREATIVE_PROMPT_WORDS:])
@@ -62,15 +64,14 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
                      max_new_tokens: int = 64, generate_n: int | None = None, labels: list[str] | None = None,
                      progress: bool = True) -> dict:
     """Metrics for `loaded` (an api.LoadedModel) on validated records; outputs kept for reports."""
-    from tuneforge import api
-    from tuneforge.train.recipe import cpu_has_fast_bf16, evaluate
+    from tuneforge.inference import generate
 
     tok, model = loaded.tokenizer, loaded.model
     data = encode_records(tok, task, records, list(range(1, len(records) + 1)), max_seq_len,
                           template=loaded.prompt_template)
     device = next(model.parameters()).device
     autocast = torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
-    scores = evaluate(model, data, batch_size, tok.pad_token_id, device, autocast)
+    scores = dataset_loss(model, data, batch_size, tok.pad_token_id, device, autocast)
     n_targets = sum(e.num_targets for e in data.examples)
     result = {"examples": len(records), "target_tokens": n_targets, "loss": scores["eval_loss"],
               "perplexity": perplexity(scores["eval_loss"] * n_targets, n_targets),
@@ -88,7 +89,7 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
     pairs = [p for p in (prompt_and_reference(task, r) for r in records) if p is not None]
     if pairs:
         pairs = pairs[:generate_n] if generate_n else pairs
-        outputs = api.generate(loaded, [p for p, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size,
+        outputs = generate(loaded, [p for p, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size,
                                progress=progress)
         refs = [r for _, r in pairs]
         result["exact_match"] = sum(exact_match(o, r) for o, r in zip(outputs, refs)) / len(outputs)
@@ -123,10 +124,20 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
 
 def evaluate_file(model_ref: str | Path, data: str | Path, task: str | None = None, *,
                   prompt_template: str | None = None, **kw) -> dict:
-    """`tuneforge eval`: validate `data`, load the model or run, and return its metrics."""
-    from tuneforge import api
+    """`tuneforge eval`: validate `data`, load the model or run, and return its metrics. The data is
+    checked before the model loads (with the run's task and labels when `model_ref` is a run)."""
+    from tuneforge.inference import is_run_dir, load, require_finished_run
+    from tuneforge.spec import load_spec
 
-    loaded = api.load(model_ref, task=task, prompt_template=prompt_template)
-    report = validate_jsonl(data, loaded.task, kw.get("labels") or loaded.labels)
+    run_spec = None
+    if is_run_dir(model_ref):
+        require_finished_run(Path(model_ref))
+        run_spec = load_spec(Path(model_ref) / "spec.yaml")
+    check_task = task or (run_spec.task if run_spec else "chat")
+    labels = kw.get("labels") or (run_spec.labels if run_spec else None)
+    if check_task == "classification" and not labels:
+        raise SpecError("classification evaluation needs the label set: a run with `labels`, or --labels a,b,c")
+    report = validate_jsonl(data, check_task, labels)
     report.raise_if_errors()
+    loaded = load(model_ref, task=task, prompt_template=prompt_template)
     return evaluate_records(loaded, loaded.task, report.records, **kw)

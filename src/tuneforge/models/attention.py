@@ -23,11 +23,18 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, cu_seq_lens_q
     return torch.cat(outputs, dim=1), None  # (1, T, heads, head_dim), as SDPA returns it
 
 
-def use_packed_attention(model) -> None:
-    """Switch `model` (a transformers model) to per-example attention for packed rows."""
+def _register() -> None:
+    """transformers' attention registries are process-wide: register once, when this module is imported."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, packed_sdpa_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches still need their mask
+
+
+_register()
+
+
+def use_packed_attention(model) -> None:
+    """Switch `model` (a transformers model) to per-example attention for packed rows."""
     model.set_attn_implementation(NAME)

@@ -69,8 +69,11 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s to %s (once)", gguf, tmp)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ModelError(f"could not read the GGUF file {gguf}: {str(e)[:300]}") from None
         # transformers refuses to save a GGUF-loaded model while its quantization config is attached.
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -78,6 +81,21 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return build_once(cache_dir() / "models" / name, build)
+
+
+GGUF_MAGIC = b"GGUF"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_gguf(path: Path) -> None:
+    """ModelError unless `path` starts with the GGUF magic bytes (before transformers tries to parse it)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    if head != GGUF_MAGIC:
+        raise ModelError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
 
 
 def resolve_model(ref: str) -> Path:
@@ -92,6 +110,7 @@ def resolve_model(ref: str) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file {path} not found")
+        check_gguf(path)
         return _convert_gguf(path.resolve(), path.stem)
     if path.exists():
         raise ModelError(f"model {ref}: expected a folder or a .gguf file")
@@ -109,7 +128,14 @@ def resolve_model(ref: str) -> Path:
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    path = Path(path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"model folder {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the "
+                         "tokenizer files of the model into it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"could not load the tokenizer in {path}: {str(e)[:300]}") from None
     if tokenizer.pad_token_id is None:
         # Padding positions never reach the loss (labels carry the mask), so eos is a safe pad.
         tokenizer.pad_token = tokenizer.eos_token

@@ -116,9 +116,10 @@ def hidden_states_loss_sum(decoder, head, batch: dict[str, torch.Tensor]) -> tup
     return linear_cross_entropy_sum(selected, head.weight, labels[:, 1:][mask])
 
 
-def loss_fn_for(model):
-    """Return `f(batch) -> (loss_sum, correct)` using the fastest exact path for this model."""
-    fast = output_head(model)
+def loss_fn_for(model, chunked: bool = True):
+    """Return `f(batch) -> (loss_sum, correct)`: the chunked target-only path where it applies to this
+    model and `chunked` is on (training.kernels), else the model's full logits."""
+    fast = output_head(model) if chunked else None
     if fast is not None:
         return functools.partial(hidden_states_loss_sum, *fast)
 
@@ -127,3 +128,27 @@ def loss_fn_for(model):
         return causal_lm_loss_sum(logits, batch["labels"])
 
     return full
+
+
+@torch.no_grad()
+def dataset_loss(model, data, batch_size: int, pad_id: int, device, autocast_dtype, chunked: bool = True) -> dict[str, float]:
+    """Teacher-forced loss (nats per target token) and next-token accuracy over a whole encoded dataset
+    (`data.examples`), batched by length; the model is left in the mode it was in."""
+    from tuneforge.data.batching import collate
+    from tuneforge.hardware import autocast
+
+    was_training = model.training
+    model.eval()
+    loss_fn = loss_fn_for(model, chunked)
+    order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].input_ids))
+    loss_sum = correct = targets = 0.0
+    for s in range(0, len(order), batch_size):
+        batch = collate([data.examples[i] for i in order[s : s + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, autocast_dtype):
+            loss, ok = loss_fn(batch)
+        loss_sum += loss.item()
+        correct += ok.item()
+        targets += count_targets(batch["labels"])
+    model.train(was_training)
+    return {"eval_loss": loss_sum / max(targets, 1), "eval_token_accuracy": correct / max(targets, 1)}

@@ -6,6 +6,8 @@ import logging
 import resource
 from pathlib import Path
 
+from tuneforge.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -13,15 +15,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _parse_lines(text: str) -> tuple[list[dict], int]:
+    """(records, number of unreadable lines): a crash mid-write can leave a torn last line."""
+    rows, torn = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            torn += 1
+    return rows, torn
+
+
 class MetricsLogger:
-    """Appends JSON lines and mirrors scalars to TensorBoard (if installed)."""
+    """Appends JSON lines and mirrors scalars to TensorBoard (if installed).
+
+    On resume it keeps the lines up to the checkpoint's step (later ones will be logged again) and
+    drops unreadable ones; `repaired` says how many were dropped."""
 
     def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.repaired = 0
         if resume_step and self.path.exists():
-            # Drop lines logged after the checkpoint we resume from: they will be logged again.
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            rows, self.repaired = _parse_lines(self.path.read_text(encoding="utf-8", errors="replace"))
+            kept = [r for r in rows if r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
@@ -51,7 +75,7 @@ class MetricsLogger:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    return _parse_lines(path.read_text(encoding="utf-8", errors="replace"))[0] if path.exists() else []
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:

@@ -89,3 +89,44 @@ def test_smollm2_real_tokenizer_masks(smollm2_tokenizer):
     # pad == eos == <|im_end|> here: masks come from labels, never from pad ids.
     ex = encode_chat(smollm2_tokenizer, CONVO)
     assert target_runs(smollm2_tokenizer, ex) == ["Paris.<|im_end|>\n", "Rome.<|im_end|>\n"]
+
+
+# Llama-2 / Mistral style: the template itself refuses conversations whose roles do not alternate.
+ALTERNATING_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_template_exceptions_become_data_errors_naming_file_and_line():
+    from tuneforge.data.encode import encode_records
+    from tuneforge.errors import DataError, Problem
+
+    tok = make_tokenizer("llama")
+    tok.chat_template = ALTERNATING_TEMPLATE
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    two_users = {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
+                              {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(DataError) as e:
+        encode_records(tok, "chat", [good, two_users, good, two_users], [1, 2, 5, 7], 512, source="train.jsonl")
+    failed = "the chat template failed: Conversation roles must alternate user/assistant/user/assistant/..."
+    assert e.value.problems == [Problem("train.jsonl", 2, "messages", failed), Problem("train.jsonl", 7, "messages", failed)]
+    assert f"\n  train.jsonl line 2: messages: {failed}\n  train.jsonl line 7: messages: {failed}" in str(e.value)
+    # without a file name the line is still named; the old positional call still works
+    with pytest.raises(DataError, match="^data: 1 example.*\n  line 2: messages: the chat template failed: Conv"):
+        encode_records(tok, "chat", [good, two_users], [1, 2], 512, "truncate", None)
+    assert len(encode_records(tok, "chat", [good], [1], 512, "truncate", None).examples) == 1
+
+
+def test_reply_first_is_a_data_error_not_a_crash():
+    # transformers raises ValueError("Cannot apply chat template to an empty conversation") for the prompt before it
+    from tuneforge.data.encode import encode_records
+    from tuneforge.errors import DataError, Problem
+
+    reply_first = {"messages": [{"role": "assistant", "content": "hello"}]}
+    with pytest.raises(DataError) as e:
+        encode_records(make_tokenizer("llama"), "chat", [reply_first], [4], 512, source="train.jsonl")
+    assert e.value.problems == [Problem("train.jsonl", 4, "messages", "the chat template failed: Cannot apply chat "
+                                        "template to an empty conversation. Provide at least one message.")]

@@ -48,3 +48,20 @@ def test_check_template():
     assert "no prompt template" in templates.check_template("text", "{text}")
     with pytest.raises(ValueError, match="not a plain field name"):
         templates.template_fields("{text[0]}")
+
+
+@pytest.mark.parametrize("record", ["Ann lives in Paris", {"text": "Ann lives in Paris"},
+                                    {"tokens": ["Ann", "lives", "in", "Paris"]}])
+def test_ner_prompt_from_bare_text(record):
+    # `tuneforge generate RUN --prompt "..."` on a NER run: no entities, only the text to tag
+    assert templates.fill("ner", record) == "Text: Ann lives in Paris\nEntities:"
+    assert templates.fill("ner", record, "Tag: {text} =>") == "Tag: Ann lives in Paris =>"
+
+
+def test_ner_encode_prompt_of_bare_text_is_the_training_prompt():
+    tok = make_tokenizer("llama")
+    full = {"text": "Ann lives in Paris", "entities": [{"start": 0, "end": 3, "label": "PER"}]}
+    ex = encode_example(tok, "ner", full)
+    n_prompt = sum(1 for l in ex.labels if l == IGNORE_INDEX)
+    assert encode_prompt(tok, "ner", "Ann lives in Paris") == ex.input_ids[:n_prompt]
+    assert tok.decode(encode_prompt(tok, "ner", "Ann lives in Paris")) == "Text: Ann lives in Paris\nEntities:"

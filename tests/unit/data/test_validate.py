@@ -37,7 +37,8 @@ def problems(report) -> list[str]:
     (chat({"role": 3, "content": "x"}, {"role": "assistant", "content": "y"}), "messages[0].role", "must be a string, got int"),
     (chat({"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}), "messages[0].role", "unknown role 'robot'"),
     (chat({"role": "user"}, {"role": "assistant", "content": "y"}), "messages[0].content", "missing"),
-    (chat({"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}), "messages[0].content", "must be a string, got list"),
+    (chat({"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}), "messages[0].content[0]", "must be a text part"),
+    (chat({"role": "user", "content": {"x": 1}}, {"role": "assistant", "content": "y"}), "messages[0].content", "must be a string or a list of text parts, got object"),
     (chat({"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}), "messages[1].content", "empty"),
     (chat({"role": "user", "content": "x"}), "messages", "no assistant turn to train on"),
     (chat({"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}), "messages", "no assistant turn"),
@@ -256,3 +257,30 @@ def test_raise_if_errors_format(tmp_path):
     assert len(lines) == 4 and "and run again" in lines[3] and "more" not in str(e.value)
     with pytest.raises(DataError, match=r"\.\.\. and 1 more"):
         report.raise_if_errors(limit=1)
+
+
+@pytest.mark.parametrize("first, role", [
+    ({"role": "assistant", "content": "Hello!"}, "assistant"),
+    ({"role": "tool", "tool_call_id": "call_1", "content": "21"}, "tool"),
+])
+def test_conversation_must_start_with_system_or_user(tmp_path, first, role):
+    # Training renders the prompt before each reply; before a first reply there is none to render.
+    path = write(tmp_path, json.dumps(GOOD_CHAT), chat(first, {"role": "user", "content": "x"},
+                                                      {"role": "assistant", "content": "y"}))
+    report = validate_jsonl(path, "chat")
+    assert problems(report) == [
+        f"{path} line 2: messages[0].role: a conversation must start with a system or user message, got {role}"]
+
+
+def test_only_an_assistant_message_is_rejected(tmp_path):
+    path = write(tmp_path, chat({"role": "assistant", "content": "Hello!"}))
+    assert problems(validate_jsonl(path, "chat")) == [
+        f"{path} line 1: messages[0].role: a conversation must start with a system or user message, got assistant"]
+
+
+def test_raise_if_errors_hint_names_the_labels(tmp_path):
+    path = write(tmp_path, '{"text": "good", "label": "pos"}', '{"text": "bad", "label": "negative"}')
+    report = validate_jsonl(path, "classification", ["pos", "neg", "very bad"])
+    with pytest.raises(DataError) as e:
+        report.raise_if_errors()
+    assert f"(see `tuneforge data validate {path} --task classification --labels 'pos,neg,very bad'`)" in str(e.value)

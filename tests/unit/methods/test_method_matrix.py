@@ -53,9 +53,9 @@ def test_train_save_load_merge(tiny_models, chat_file, tmp_path, arch, method):
     first, last = rows[0]["train_loss"], rows[-1]["train_loss"]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
     assert last < first - 0.05, (first, last)  # memorisable batch: loss must fall (nats/token)
-    assert 0 < s["trainable_params"] <= s["total_params"]
+    assert 0 < s.trainable_params <= s.total_params
     if method != "full":
-        assert s["trainable_params"] < 0.5 * s["total_params"]
+        assert s.trainable_params < 0.5 * s.total_params
 
     if method == "full":  # training switches the KV cache off; the saved model must generate with it
         assert json.loads((tmp_path / "run" / "model" / "config.json").read_text()).get("use_cache", True) is True

@@ -32,5 +32,5 @@ def test_qlora_trains_and_reports_bytes(tiny_models, chat_file, tmp_path):
     spec = tiny_spec(tiny_models["phi3"], chat_file, tmp_path / "run", max_steps=6, batch_size=8)
     spec["method"] = "qlora"
     s = api.train(spec, progress=False)
-    assert s["base_weight_bytes"]["nf4"] > 0
-    assert s["final_train_loss"] < 5.5  # from ~5.57 at random init
+    assert s.base_weight_bytes["nf4"] > 0
+    assert s.final_train_loss < 5.5  # from ~5.57 at random init

@@ -6,8 +6,8 @@ import torch
 from tests.conftest import tiny_spec
 from tuneforge import api
 from tuneforge.spec import JobSpec
-from tuneforge.train.recipe import (cpu_has_fast_bf16, resolve_base_dtype, resolve_precision,
-                                    uses_gradient_checkpointing)
+from tuneforge.hardware import cpu_has_fast_bf16, resolve_base_dtype, resolve_precision
+from tuneforge.train.recipe import uses_gradient_checkpointing
 
 
 def test_default_spec_levers():
@@ -29,26 +29,53 @@ def test_auto_precision_and_base_dtype():
     assert resolve_base_dtype("auto", "lora", None) == torch.float32
 
 
-def test_default_run_uses_fast_paths(tiny_models, chat_file, tmp_path, monkeypatch):
-    from tuneforge.train import recipe
-    from tuneforge.train.loss import hidden_states_loss_sum
+def _built(spec_dict, kernels):
+    from tuneforge.models import resolve_model
+    from tuneforge.spec import build_spec
+    from tuneforge.train.kernels import resolve_kernels
+    from tuneforge.train.recipe import build_model
 
-    used = {}
-    real_loss_fn_for, real_fuse = recipe.loss_fn_for, recipe.use_fused_lora
-    monkeypatch.setattr(recipe, "loss_fn_for", lambda m: used.setdefault("loss", real_loss_fn_for(m)))
-    monkeypatch.setattr(recipe, "use_fused_lora", lambda m: used.setdefault("fused", real_fuse(m)))
+    spec = build_spec(spec_dict)
+    resolved = resolve_kernels(kernels, torch.device("cpu"), spec.adapter.dropout)
+    return resolved, build_model(spec, resolve_model(spec.model), torch.device("cpu"), torch.float32, resolved)
+
+
+def test_default_run_uses_fast_paths_and_records_them(tiny_models, chat_file, tmp_path):
+    from tuneforge.methods.dropout import ByteDropout
+    from tuneforge.methods.fused_lora import FusedLoraLinear
+    from tuneforge.models.rmsnorm import _forward as fused_norm_forward
+
     spec = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "run", max_steps=1)
     del spec["training"]["precision"]
     spec["adapter"]["dropout"] = 0.05
     s = api.train(spec, progress=False)
-    assert used["fused"] == 14  # every adapted linear of the 2-layer model
+    assert s.kernels == {"loss": "chunked", "rmsnorm": "fused", "dropout": "byte", "lora": "fused"}
+    assert s.adapter_dropout == 13 / 256  # 0.05 rounded to a multiple of 1/256
+    expected = "bfloat16" if cpu_has_fast_bf16() else "float32"
+    assert s.precision == expected and s.base_dtype == expected
+
+    kernels, model = _built(spec, "auto")
+    base = model.get_base_model().model
+    assert sum(isinstance(m, FusedLoraLinear) for m in model.modules()) == 14  # every adapted linear
+    assert sum(isinstance(m, ByteDropout) for m in model.modules()) == 14
+    assert [type(layer.mlp).__name__ for layer in base.layers] == ["FusedLlamaMLP"] * 2
+    assert base.norm.forward.__func__ is fused_norm_forward
+
+
+def test_library_kernels_leave_the_libraries_own_modules(tiny_models, chat_file, tmp_path):
     from tuneforge.methods.dropout import ByteDropout
     from tuneforge.methods.fused_lora import FusedLoraLinear
 
-    model = used["loss"].args[0]  # the decoder the fast loss runs
-    assert sum(isinstance(m, FusedLoraLinear) for m in model.modules()) == 14
-    assert sum(isinstance(m, ByteDropout) for m in model.modules()) == 14
-    assert [type(layer.mlp).__name__ for layer in model.layers] == ["FusedLlamaMLP"] * 2
-    assert used["loss"].func is hidden_states_loss_sum
-    expected = "bfloat16" if cpu_has_fast_bf16() else "float32"
-    assert s["precision"] == expected and s["base_dtype"] == expected
+    spec = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "run", max_steps=1, kernels="library")
+    spec["adapter"]["dropout"] = 0.05
+    s = api.train(spec, progress=False)
+    assert s.kernels == {"loss": "library", "rmsnorm": "library", "dropout": "library", "lora": "library"}
+    assert s.adapter_dropout == 0.05
+    _, model = _built(spec, "library")
+    base = model.get_base_model().model
+    assert not any(isinstance(m, (FusedLoraLinear, ByteDropout)) for m in model.modules())
+    assert [type(layer.mlp).__name__ for layer in base.layers] == ["LlamaMLP"] * 2
+    assert "forward" not in vars(base.norm)  # transformers' own RMSNorm.forward
+    # Fused LoRA draws byte masks: with torch's dropout the fused layer cannot run, and is recorded as peft's.
+    kernels, _ = _built(spec, {"dropout": "library"})
+    assert kernels.lora == "library"

@@ -44,7 +44,7 @@ def test_token_budget_split_matches_unsplit(tiny_models, chat_file, tmp_path, pa
                   micro_batch_tokens=24)
     sa, sb = api.train(a, progress=False), api.train(b, progress=False)
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
-    assert sa["tokens_seen"] == sb["tokens_seen"]
+    assert sa.tokens_seen == sb.tokens_seen
     wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
@@ -58,9 +58,9 @@ def test_resume_is_exact(tiny_models, chat_file, tmp_path):
     split = {**straight, "output_dir": str(tmp_path / "split")}
     api.train(straight, progress=False)
     first = api.train(split, progress=False, stop_after=5)
-    assert first["status"] == "stopped" and not (tmp_path / "split" / "adapter").exists()
+    assert first.status == "stopped" and not (tmp_path / "split" / "adapter").exists()
     second = api.train(split, progress=False, resume=True)
-    assert second["status"] == "succeeded" and second["steps"] == 10
+    assert second.status == "succeeded" and second.steps == 10
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
     ws, wp = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     for k in ws:
@@ -90,7 +90,7 @@ def test_half_written_checkpoint_is_ignored(tiny_models, chat_file, tmp_path):
     # A crash mid-save leaves only a temporary folder: resume must use the last complete one.
     (tmp_path / "run" / "checkpoints" / ".tmp-step-000003").mkdir()
     summary = api.train(spec, progress=False, resume=True)
-    assert summary["steps"] == 4
+    assert summary.steps == 4
 
 
 def test_existing_run_needs_resume_or_overwrite(tiny_models, chat_file, tmp_path):
@@ -98,7 +98,7 @@ def test_existing_run_needs_resume_or_overwrite(tiny_models, chat_file, tmp_path
     api.train(spec, progress=False)
     with pytest.raises(CheckpointError, match="--resume"):
         api.train(spec, progress=False)
-    assert api.train(spec, progress=False, overwrite=True)["steps"] == 1
+    assert api.train(spec, progress=False, overwrite=True).steps == 1
 
 
 def test_resume_refuses_a_changed_spec(tiny_models, chat_file, tmp_path):
@@ -125,8 +125,8 @@ def test_outputs_and_summary(tiny_models, chat_file, tmp_path):
     assert list((run / "tensorboard").iterdir())
     for key in ("method", "model", "model_path", "trainable_params", "total_params", "train_examples", "train_tokens",
                 "steps", "tokens_per_second", "peak_rss_mb", "final_train_loss", "final_eval_loss", "wall_seconds"):
-        assert s[key] is not None, key
-    assert s["train_examples"] == 6 and s["validation_examples"] == 2
+        assert getattr(s, key) is not None, key
+    assert s.train_examples == 6 and s.validation_examples == 2
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert "eval_loss" in rows[1] and "eval_loss" in rows[2] and "eval_loss" not in rows[0]

@@ -93,4 +93,4 @@ def test_packed_training_matches_padded(tiny_models, chat_file, tmp_path):
     api.train(padded, progress=False)
     summary = api.train(packed, progress=False)
     assert losses(tmp_path / "packed") == pytest.approx(losses(tmp_path / "padded"), abs=1e-5)
-    assert summary["status"] == "succeeded"
+    assert summary.status == "succeeded"

@@ -1,0 +1,73 @@
+"""Which implementation computes each hot part of a training step: tuneforge's own or the library's.
+
+`training.kernels` in the spec picks them, and the resolved choice is recorded in `summary.json`, so
+what runs in forward and backward is never a hidden function of the device:
+
+| part | `auto` (default) | `library` |
+|---|---|---|
+| loss | target-only chunked linear cross-entropy (train/loss.py): no (B, T, V) logits | the model's logits + cross-entropy |
+| rmsnorm | one autograd node keeping input + 1/rms (models/rmsnorm.py), Llama-family norms | transformers' RMSNorm |
+| dropout | CPU: byte-mask dropout (methods/dropout.py), 8x fewer random draws; p rounded to k/256 | torch's nn.Dropout |
+| lora | CPU: one autograd node per LoRA layer + recomputed SwiGLU product (methods/fused_lora.py) | peft's forward |
+
+Each `auto` path is tested against the library path it replaces (same loss and gradients; for
+dropout the same distribution). GPUs get the loss and rmsnorm paths; the dropout and LoRA paths are
+CPU-only (on GPU mask generation is cheap and peft's ops already run as fused kernels).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+PARTS = ("loss", "rmsnorm", "dropout", "lora")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    loss: str  # "chunked" | "library"
+    rmsnorm: str  # "fused" | "library"
+    dropout: str  # "byte" | "library"
+    lora: str  # "fused" | "library"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_kernels(setting: str | dict, device: torch.device, dropout: float = 0.0) -> Kernels:
+    """`setting` is "auto", "library", or a mapping part -> "auto"|"library" (missing parts: auto).
+    `dropout` is the adapter dropout: the fused LoRA layer draws byte masks, so with dropout on it
+    needs the byte-mask dropout too (else peft's forward runs, and is recorded as such)."""
+    choice = {part: setting for part in PARTS} if isinstance(setting, str) else {p: setting.get(p, "auto") for p in PARTS}
+    cpu = device.type == "cpu"
+    byte_dropout = choice["dropout"] == "auto" and cpu
+    return Kernels(
+        loss="chunked" if choice["loss"] == "auto" else "library",
+        rmsnorm="fused" if choice["rmsnorm"] == "auto" else "library",
+        dropout="byte" if byte_dropout else "library",
+        lora="fused" if choice["lora"] == "auto" and cpu and (byte_dropout or dropout == 0) else "library",
+    )
+
+
+def install_kernels(model: torch.nn.Module, kernels: Kernels, *, before_peft: bool) -> dict[str, int]:
+    """Swap the chosen implementations into `model` in place; return how many modules each part changed.
+    Norms are swapped before peft wraps the model, dropout and LoRA layers after."""
+    from tuneforge.methods.dropout import use_byte_dropout
+    from tuneforge.methods.fused_lora import use_fused_lora
+    from tuneforge.models.rmsnorm import use_fused_rmsnorm
+
+    counts: dict[str, int] = {}
+    if before_peft:
+        if kernels.rmsnorm == "fused":
+            counts["rmsnorm"] = use_fused_rmsnorm(model)
+        return counts
+    if kernels.dropout == "byte":
+        counts["dropout"] = use_byte_dropout(model)
+    if kernels.lora == "fused":
+        counts["lora"] = use_fused_lora(model)
+    return counts
+
+
+def effective_dropout(p: float, kernels: Kernels) -> float:
+    """The adapter dropout probability that really applies: byte-mask dropout rounds p to k/256."""
+    return round(p * 256) / 256 if kernels.dropout == "byte" else p
