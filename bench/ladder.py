@@ -3,7 +3,7 @@
 Each rung is one epoch of `tuneforge train` (LoRA r=16, SmolLM2-135M, the uneven chat data of
 bench/train_throughput.py) in its own process; TRL's SFTTrainer + peft with its defaults runs in
 the same session as the peer. Levers that have no spec field (the loss path, the dropout kernel)
-are switched off by patching the recipe in the child process. MFU uses this machine's bf16 GEMM
+are picked with `training.kernels` (loss / dropout / lora: auto or library), as a user would. MFU uses this machine's bf16 GEMM
 rate measured in the same session (2048x576x1536, the MLP shape) and 4 x 134.5M FLOPs per real
 token (a LoRA step: forward + input gradients; frozen weights need no weight gradients).
 
@@ -24,20 +24,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_throughput as tt  # noqa: E402
 
 FLOPS_PER_TOKEN = 4 * 134.5e6
+# The fused RMSNorm predates this ladder and stays on in every rung, as it did when the ladder was first measured.
+LIBRARY_STEP = {"loss": "library", "dropout": "library", "lora": "library"}
 RUNGS = [
-    ("fp32, file order, full logits, torch dropout", {"precision": "fp32", "group_by_length": False}, ["full_loss", "torch_dropout"]),
-    ("+ bf16 autocast", {"precision": "bf16", "base_dtype": "fp32", "group_by_length": False}, ["full_loss", "torch_dropout"]),
-    ("+ length-grouped batches", {"precision": "bf16", "base_dtype": "fp32"}, ["full_loss", "torch_dropout"]),
-    ("+ frozen base stored in bf16", {"precision": "bf16", "base_dtype": "bf16"}, ["full_loss", "torch_dropout"]),
-    ("+ target-only chunked linear cross-entropy", {"precision": "bf16", "base_dtype": "bf16"}, ["torch_dropout"]),
-    ("+ byte-mask dropout", {}, ["unfused"]),
-    ("+ fused LoRA layers, recomputed SwiGLU product (= tuneforge defaults)", {}, []),
+    ("fp32, file order, full logits, torch dropout", {"precision": "fp32", "group_by_length": False, "kernels": LIBRARY_STEP}),
+    ("+ bf16 autocast", {"precision": "bf16", "base_dtype": "fp32", "group_by_length": False, "kernels": LIBRARY_STEP}),
+    ("+ length-grouped batches", {"precision": "bf16", "base_dtype": "fp32", "kernels": LIBRARY_STEP}),
+    ("+ frozen base stored in bf16", {"precision": "bf16", "base_dtype": "bf16", "kernels": LIBRARY_STEP}),
+    ("+ target-only chunked linear cross-entropy", {"precision": "bf16", "base_dtype": "bf16",
+                                                    "kernels": {"dropout": "library", "lora": "library"}}),
+    ("+ byte-mask dropout", {"kernels": {"lora": "library"}}),
+    ("+ fused LoRA layers, recomputed SwiGLU product (= tuneforge defaults)", {}),
     # Not defaults: checkpointing and the token budget trade speed for memory; packing is measured against grouping.
-    ("defaults + gradient checkpointing", {"gradient_checkpointing": True}, []),
-    ("defaults + checkpointing every 2nd layer", {"gradient_checkpointing": True, "checkpoint_every": 2}, []),
-    ("defaults + padding-free packing", {"packing": True}, []),
-    ("defaults + packing, batches not length-grouped", {"packing": True, "group_by_length": False}, []),
-    ("defaults + micro_batch_tokens 1024", {"micro_batch_tokens": 1024}, []),
+    ("defaults + gradient checkpointing", {"gradient_checkpointing": True}),
+    ("defaults + checkpointing every 2nd layer", {"gradient_checkpointing": True, "checkpoint_every": 2}),
+    ("defaults + padding-free packing", {"packing": True}),
+    ("defaults + packing, batches not length-grouped", {"packing": True, "group_by_length": False}),
+    ("defaults + micro_batch_tokens 1024", {"micro_batch_tokens": 1024}),
 ]
 
 
@@ -56,29 +59,16 @@ def gemm_gflops(m: int = 2048, k: int = 576, n: int = 1536, reps: int = 30) -> d
     return out
 
 
-def child(data: Path, out: Path, training: dict, patches: list[str]) -> dict:
+def child(data: Path, out: Path, training: dict) -> dict:
     from tuneforge import api
-    from tuneforge.train import recipe
-    from tuneforge.train.loss import causal_lm_loss_sum
 
-    if "full_loss" in patches:
-        def full(model):
-            def f(batch):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                return causal_lm_loss_sum(logits, batch["labels"])
-            return f
-        recipe.loss_fn_for = full
-    if "torch_dropout" in patches:
-        recipe.use_byte_dropout = lambda model: 0
-    if "torch_dropout" in patches or "unfused" in patches:
-        recipe.use_fused_lora = lambda model: 0
     spec = {"model": "smollm2-135m-instruct", "task": "chat", "data": {"train": str(data)}, "method": "lora",
             "adapter": {**tt.LORA, "target_modules": "all-linear"},
             "training": {**tt.HP, "save_every": 10_000, "eval_every": 10_000, "warmup_ratio": 0.0, **training},
             "output_dir": str(out)}
     t0 = time.perf_counter()
     s = api.train(spec, overwrite=True, progress=False)
-    return {"train_seconds": time.perf_counter() - t0, "final_loss": s["final_train_loss"]}
+    return {"train_seconds": time.perf_counter() - t0, "final_loss": s.final_train_loss, "kernels": s.kernels}
 
 
 def run(cmd: list[str]) -> dict:
@@ -103,8 +93,8 @@ def main() -> None:
     ap.add_argument("--rungs", help="comma-separated rung indices to run (default: all); the TRL peer always runs")
     args = ap.parse_args()
     if args.child is not None:
-        _, training, patches = RUNGS[args.child]
-        print(json.dumps(child(Path(args.data), Path(args.out), training, patches)))
+        _, training = RUNGS[args.child]
+        print(json.dumps(child(Path(args.data), Path(args.out), training)))
         return
     if args.one is not None:  # one measured child, in its own parent so RUSAGE_CHILDREN is its own peak
         cmd = [sys.executable, __file__, "--data", args.data, "--out", args.out]

@@ -19,8 +19,9 @@ from tuneforge.data.batching import collate
 from tuneforge.data.encode import IGNORE_INDEX, Example
 from tuneforge.models import resolve_model
 from tuneforge.spec import JobSpec
-from tuneforge.train.loss import loss_fn_for
-from tuneforge.train import recipe
+from tuneforge.training.loss import loss_fn_for
+from tuneforge.training import recipe
+from tuneforge.training.kernels import resolve_kernels
 
 
 def main() -> None:
@@ -37,9 +38,8 @@ def main() -> None:
 
     spec = JobSpec.model_validate({"model": "smollm2-135m-instruct", "task": "chat", "data": {"train": "x.jsonl"},
                                    "adapter": {"target_modules": "all-linear"}, "training": json.loads(args.training)})
-    if args.unfused:
-        recipe.use_fused_lora = lambda model: 0
-    model = recipe.build_model(spec, resolve_model(spec.model), torch.device("cpu"), torch.bfloat16)
+    kernels = resolve_kernels({"lora": "library"} if args.unfused else "auto", torch.device("cpu"), spec.method, spec.adapter.dropout)
+    model = recipe.build_model(spec, resolve_model(spec.model), torch.device("cpu"), torch.bfloat16, kernels)
     model.train()
     if args.compile:
         for layer in model.get_base_model().model.layers:

@@ -65,10 +65,14 @@ def child(model: Path, data: Path, out: Path, run: str, steps: int) -> dict:
                          "eval_every": 10_000, "precision": "bf16", "gradient_checkpointing": extra == "gc" or None,
                          "optimizer": "adamw_8bit" if extra == "8bit" else "adamw"},
             "output_dir": str(out)}
+    if method == "qlora":  # what `tuneforge train` sets at its entry point for QLoRA on CPU
+        from tuneforge.training.allocator import return_big_buffers_to_os
+
+        return_big_buffers_to_os()
     t0 = time.perf_counter()
     s = api.train(spec, overwrite=True, progress=False)
-    return {"seconds": time.perf_counter() - t0, "params": s["total_params"], "trainable": s["trainable_params"],
-            "base_weight_bytes": s["base_weight_bytes"], "final_loss": s["final_train_loss"]}
+    return {"seconds": time.perf_counter() - t0, "params": s.total_params, "trainable": s.trainable_params,
+            "base_weight_bytes": s.base_weight_bytes, "final_loss": s.final_train_loss, "kernels": s.kernels}
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ def child_tuneforge(data: Path, out: Path) -> dict:
             "output_dir": str(out)}
     t0 = time.perf_counter()
     s = api.train(spec, overwrite=True, progress=False)
-    return {"train_seconds": time.perf_counter() - t0, "final_loss": s["final_train_loss"], "steps": s["steps"]}
+    return {"train_seconds": time.perf_counter() - t0, "final_loss": s.final_train_loss, "steps": s.steps,
+            "kernels": s.kernels}
 
 
 def child_trl(data: Path, out: Path, tuned: bool = False) -> dict:

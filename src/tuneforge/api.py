@@ -14,7 +14,7 @@ from tuneforge import files
 from tuneforge.errors import CheckpointError, OutputError, TuneforgeError
 from tuneforge.inference import LoadedModel, generate, is_run_dir, load, require_finished_run
 from tuneforge.spec import JobSpec, build_spec, load_spec
-from tuneforge.train.events import ConsoleProgress, EventHandler, RunEvent, RunSummary, StopRequest
+from tuneforge.training.events import ConsoleProgress, EventHandler, RunEvent, RunSummary, StopRequest
 
 __all__ = ["train", "report", "evaluate", "load", "generate", "merge", "summary", "LoadedModel", "RunSummary",
            "RunEvent", "StopRequest", "resolve_job", "is_run_dir"]
@@ -46,7 +46,7 @@ def train(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str
     run's summary. `progress`: draw a progress bar on stderr (ignored when `on_event` receives the events).
     `stop`: a StopRequest another thread or a signal handler may set; training then stops at the next step
     boundary with a checkpoint (status "stopped")."""
-    from tuneforge.train.recipe import train as run_recipe
+    from tuneforge.training.recipe import train as run_recipe
 
     job = resolve_job(spec, overrides, resume=resume)
     handler = on_event or (ConsoleProgress() if progress else None)

@@ -51,12 +51,12 @@ def stop_on_signals(stop):
 def cmd_train(args) -> int:
     from tuneforge import api
     from tuneforge.hardware import resolve_device
-    from tuneforge.train.allocator import return_big_buffers_to_os
-    from tuneforge.train.events import ConsoleProgress, StopRequest
+    from tuneforge.training.allocator import return_big_buffers_to_os
+    from tuneforge.training.events import ConsoleProgress, StopRequest
 
     job = api.resolve_job(args.spec, args.set, resume=args.resume)
     if job.method == "qlora" and resolve_device(job.device).type == "cpu":
-        return_big_buffers_to_os()  # process-wide, so set here at the entry point (see train/allocator.py)
+        return_big_buffers_to_os()  # process-wide, so set here at the entry point (see training/allocator.py)
     stop = StopRequest()
     console = ConsoleProgress(bar=not args.quiet)
     try:

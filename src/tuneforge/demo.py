@@ -39,7 +39,7 @@ def _clip(text: str, width: int = 70) -> str:
 def run_demo(output_dir: str = "runs/demo", epochs: float = 2, overwrite: bool = True) -> int:
     """Replaces an earlier demo's run in `output_dir` (only a folder tuneforge made; checked first)."""
     from tuneforge.spec import build_spec
-    from tuneforge.train.recipe import plan_output
+    from tuneforge.training.recipe import plan_output
 
     started = time.time()
     data_dir = Path("data/generated/demo")

@@ -135,7 +135,7 @@ class TrainingSpec(_Strict):
     kernels: KernelChoice = Field(
         default_factory=lambda: KernelChoice(), description="Implementations of the step's hot parts (loss, rmsnorm, dropout, lora): auto = "
         "tuneforge's measured fast paths where they apply, library = plain transformers/peft; or a mapping per "
-        "part, e.g. {lora: library}. The resolved choice is recorded in summary.json (see train/kernels.py).")
+        "part, e.g. {lora: library}. The resolved choice is recorded in summary.json (see training/kernels.py).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     packing: bool = Field(False, description="Padding-free: each micro-batch as one row, attention kept within "
                           "each example. Same loss and gradients; see docs/benchmarks.md for when it pays.")

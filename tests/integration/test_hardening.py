@@ -281,7 +281,7 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(capsys, llama, data
     """A real full disk where the machine lets us mount a small tmpfs; otherwise the OS's ENOSPC, injected."""
     import errno
 
-    from tuneforge.train import checkpoint
+    from tuneforge.training import checkpoint
 
     disk = tmp_path / "disk"
     mounted = _mount_tmpfs(disk, "4m")

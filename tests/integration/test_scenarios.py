@@ -59,7 +59,13 @@ def test_creative_accepts_both_formats_and_reports_diversity(tiny_models, tmp_pa
     spec.update(task="creative", eval={"data": str(train), "max_new_tokens": 8})
     api.train(spec, progress=False)
     tuned = json.loads((tmp_path / "run" / "report.json").read_text())["fine_tuned"]
-    assert {"perplexity", "distinct_1", "distinct_2"} <= set(tuned) and 0 <= tuned["distinct_2"] <= 1
+    from tuneforge.evaluate.metrics import distinct_n
+
+    outputs = [o["output"] for o in tuned["outputs"]]
+    assert len(outputs) == len(rows) and tuned["perplexity"] > 1
+    # The report's diversity is that of the samples it shows, not a number from elsewhere.
+    assert tuned["distinct_1"] == pytest.approx(distinct_n(outputs, 1))
+    assert tuned["distinct_2"] == pytest.approx(distinct_n(outputs, 2))
 
 
 NER_BIO = {"tokens": ["Alice", "flew", "to", "New", "York"], "tags": ["B-PER", "O", "O", "B-LOC", "I-LOC"]}

@@ -53,7 +53,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
     records = validate_jsonl(data, spec.task, spec.labels)
     records.raise_if_errors()
     kw = dict(max_seq_len=spec.training.max_seq_len, max_new_tokens=max_new_tokens, generate_n=generate_n,
-              labels=spec.labels, progress=progress)
+              labels=spec.labels, progress=progress, source=str(data))
     base = evaluate_records(load(spec.model, like=spec), spec.task, records.records, **kw)
     tuned = evaluate_records(load(run), spec.task, records.records, **kw)
 

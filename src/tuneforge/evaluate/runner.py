@@ -12,7 +12,7 @@ from tuneforge.data.encode import IGNORE_INDEX, encode_example, encode_records
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import SpecError
 from tuneforge.hardware import cpu_has_fast_bf16
-from tuneforge.train.loss import dataset_loss
+from tuneforge.training.loss import dataset_loss
 from tuneforge.evaluate.metrics import (accuracy, bleu, chrf, distinct_n, entity_prf, exact_match, macro_f1, perplexity,
                                         rule_checks, squad_scores, token_f1)
 
@@ -51,7 +51,8 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
     if task == "chat":
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return msgs[:last], chat.message_text(msgs[last])  # a string, or text parts joined
+        prompt = {"messages": msgs[:last], **({"tools": record["tools"]} if record.get("tools") else {})}
+        return prompt, chat.message_text(msgs[last])  # a string, or text parts joined
     if task == "creative" and "text" in record:  # free text: continue its opening words
         words = record["text"].split()
         return {"text": " ".join(words[:CREATIVE_PROMPT_WORDS])}, " ".join(words[CREATIVE_PROMPT_WORDS:])
@@ -62,13 +63,13 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
 
 def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int = 512, batch_size: int = 8,
                      max_new_tokens: int = 64, generate_n: int | None = None, labels: list[str] | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, source: str | None = None) -> dict:
     """Metrics for `loaded` (an api.LoadedModel) on validated records; outputs kept for reports."""
     from tuneforge.inference import generate
 
     tok, model = loaded.tokenizer, loaded.model
     data = encode_records(tok, task, records, list(range(1, len(records) + 1)), max_seq_len,
-                          template=loaded.prompt_template)
+                          template=loaded.prompt_template, source=source)
     device = next(model.parameters()).device
     autocast = torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     scores = dataset_loss(model, data, batch_size, tok.pad_token_id, device, autocast)
@@ -113,9 +114,9 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
             checks = [rule_checks(o, rs) for o, rs in zip(outputs, rules) if rs]
             result["rule_pass_rate"] = sum(c["passed"] for c in checks) / max(sum(c["total"] for c in checks), 1)
         def shown(p):
-            if isinstance(p, dict):
-                return templates.fill(task, p, loaded.prompt_template)
-            return p if isinstance(p, str) else p[-1]["content"]
+            if task == "chat":  # the last turn before the reply
+                return chat.message_text(p["messages"][-1]) if p["messages"] else ""
+            return templates.fill(task, p, loaded.prompt_template) if isinstance(p, dict) else p
 
         result["outputs"] = [{"prompt": shown(p), "reference": r, "output": o}
                              for (p, r), o in zip(pairs, outputs)]
@@ -140,4 +141,5 @@ def evaluate_file(model_ref: str | Path, data: str | Path, task: str | None = No
     report = validate_jsonl(data, check_task, labels)
     report.raise_if_errors()
     loaded = load(model_ref, task=task, prompt_template=prompt_template)
+    kw.setdefault("source", str(data))
     return evaluate_records(loaded, loaded.task, report.records, **kw)

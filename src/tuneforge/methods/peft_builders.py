@@ -52,8 +52,11 @@ def apply_method(model, method: str, adapter, *, tokenizer_path: str | None = No
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              every_n_layers=checkpoint_every)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.24 (ours)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=checkpoint_every)
+        else:  # older transformers 5 releases (e.g. 5.17 on the GPU machines) name it gradient_checkpointing
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=checkpoint_every)
         model.config.use_cache = False
     if method == "full":
         for p in model.parameters():

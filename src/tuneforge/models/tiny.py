@@ -74,7 +74,8 @@ def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, **config_over
     out = Path(out_dir)
     tok = make_tokenizer(arch)
     ids = dict(bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = make_config(arch, len(tok), **{**ids, **config_overrides})
+    vocab_size = config_overrides.pop("vocab_size", len(tok))  # larger than the tokenizer's: a real model's LM head
+    config = make_config(arch, vocab_size, **{**ids, **config_overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)

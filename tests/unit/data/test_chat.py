@@ -202,7 +202,7 @@ def test_evaluation_reference_is_the_text_of_the_last_reply():
 
     prompt, reference = prompt_and_reference("chat", TOOL_CONVO)
     assert reference == "It is 21 C in Paris."
-    assert prompt == TOOL_CONVO["messages"][:4]
+    assert prompt == {"messages": TOOL_CONVO["messages"][:4], "tools": TOOLS}  # the model is asked with its tools
 
 
 @pytest.mark.slow

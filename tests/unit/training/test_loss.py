@@ -12,7 +12,7 @@ from tuneforge.methods import apply_method
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.tiny import make_tiny_model
 from tuneforge.spec import AdapterSpec
-from tuneforge.train.loss import causal_lm_loss_sum, linear_cross_entropy_sum, loss_fn_for, output_head
+from tuneforge.training.loss import causal_lm_loss_sum, linear_cross_entropy_sum, loss_fn_for, output_head
 
 
 def batch_for(model_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import CHAT_RECORDS, tiny_spec
-from tests.unit.train.test_invariants import losses
+from tests.unit.training.test_invariants import losses
 from tuneforge import api
 from tuneforge.data.batching import collate, collate_packed
 from tuneforge.data.encode import Example, encode_chat
@@ -16,7 +16,7 @@ from tuneforge.methods import apply_method
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.spec import AdapterSpec
-from tuneforge.train.loss import loss_fn_for, model_inputs
+from tuneforge.training.loss import loss_fn_for, model_inputs
 
 
 def lora_model(path, packed_attention=False):

@@ -5,7 +5,7 @@ what runs in forward and backward is never a hidden function of the device:
 
 | part | `auto` (default) | `library` |
 |---|---|---|
-| loss | target-only chunked linear cross-entropy (train/loss.py): no (B, T, V) logits | the model's logits + cross-entropy |
+| loss | target-only chunked linear cross-entropy (training/loss.py): no (B, T, V) logits | the model's logits + cross-entropy |
 | rmsnorm | one autograd node keeping input + 1/rms (models/rmsnorm.py), Llama-family norms | transformers' RMSNorm |
 | dropout | CPU: byte-mask dropout (methods/dropout.py), 8x fewer random draws; p rounded to k/256 | torch's nn.Dropout |
 | lora | CPU: one autograd node per LoRA layer + recomputed SwiGLU product (methods/fused_lora.py) | peft's forward |
@@ -27,25 +27,33 @@ PARTS = ("loss", "rmsnorm", "dropout", "lora")
 class Kernels:
     loss: str  # "chunked" | "library"
     rmsnorm: str  # "fused" | "library"
-    dropout: str  # "byte" | "library"
-    lora: str  # "fused" | "library"
+    dropout: str  # "byte" | "library" | "none" (no adapter dropout)
+    lora: str  # "fused" | "library" | "none" (no LoRA layers)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def resolve_kernels(setting: str | dict, device: torch.device, dropout: float = 0.0) -> Kernels:
+def resolve_kernels(setting: str | dict, device: torch.device, method: str = "lora", dropout: float = 0.0) -> Kernels:
     """`setting` is "auto", "library", or a mapping part -> "auto"|"library" (missing parts: auto).
-    `dropout` is the adapter dropout: the fused LoRA layer draws byte masks, so with dropout on it
-    needs the byte-mask dropout too (else peft's forward runs, and is recorded as such)."""
+
+    Parts that do not apply are recorded as "none": adapter dropout and the LoRA layer exist only for
+    lora/dora/qlora (dropout only when p > 0). The fused LoRA layer covers plain LoRA over nn.Linear
+    (not DoRA's magnitude, not QLoRA's 4-bit base), and draws byte masks, so with dropout on it needs
+    the byte-mask dropout too."""
     choice = {part: setting for part in PARTS} if isinstance(setting, str) else {p: setting.get(p, "auto") for p in PARTS}
     cpu = device.type == "cpu"
-    byte_dropout = choice["dropout"] == "auto" and cpu
+    has_dropout = method in ("lora", "dora", "qlora") and dropout > 0
+    byte_dropout = has_dropout and choice["dropout"] == "auto" and cpu
+    lora = "none"
+    if method in ("lora", "dora", "qlora"):
+        fusable = method == "lora" and cpu and (byte_dropout or not has_dropout)
+        lora = "fused" if choice["lora"] == "auto" and fusable else "library"
     return Kernels(
         loss="chunked" if choice["loss"] == "auto" else "library",
         rmsnorm="fused" if choice["rmsnorm"] == "auto" else "library",
-        dropout="byte" if byte_dropout else "library",
-        lora="fused" if choice["lora"] == "auto" and cpu and (byte_dropout or dropout == 0) else "library",
+        dropout="byte" if byte_dropout else "library" if has_dropout else "none",
+        lora=lora,
     )
 
 

@@ -7,7 +7,7 @@ from tests.conftest import tiny_spec
 from tuneforge import api
 from tuneforge.spec import JobSpec
 from tuneforge.hardware import cpu_has_fast_bf16, resolve_base_dtype, resolve_precision
-from tuneforge.train.recipe import uses_gradient_checkpointing
+from tuneforge.training.recipe import uses_gradient_checkpointing
 
 
 def test_default_spec_levers():
@@ -32,11 +32,11 @@ def test_auto_precision_and_base_dtype():
 def _built(spec_dict, kernels):
     from tuneforge.models import resolve_model
     from tuneforge.spec import build_spec
-    from tuneforge.train.kernels import resolve_kernels
-    from tuneforge.train.recipe import build_model
+    from tuneforge.training.kernels import resolve_kernels
+    from tuneforge.training.recipe import build_model
 
     spec = build_spec(spec_dict)
-    resolved = resolve_kernels(kernels, torch.device("cpu"), spec.adapter.dropout)
+    resolved = resolve_kernels(kernels, torch.device("cpu"), spec.method, spec.adapter.dropout)
     return resolved, build_model(spec, resolve_model(spec.model), torch.device("cpu"), torch.float32, resolved)
 
 

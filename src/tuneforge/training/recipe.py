@@ -9,7 +9,7 @@ Features and their cost:
   batch 8 x accum 1 and batch 2 x accum 4 follow the same trajectory.
 - Length-grouped batches (less padding); gradient checkpointing (less memory, ~30 % slower).
 - `training.kernels`: tuneforge's fused loss / norm / dropout / LoRA paths or the libraries' own,
-  resolved once and recorded in the summary (train/kernels.py).
+  resolved once and recorded in the summary (training/kernels.py).
 - Periodic validation (loss, token accuracy); atomic checkpoints with optimizer, scheduler, scaler,
   RNG, data position and the schedule's horizon, so `resume=True` continues exactly where a run
   stopped, was stopped (`stop`), or was killed; a damaged newest checkpoint falls back to the one before.
@@ -42,11 +42,11 @@ from tuneforge.methods.peft_builders import apply_method, base_weight_bytes, cou
 from tuneforge.models import load_model, load_tokenizer, resolve_model
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.spec import JobSpec
-from tuneforge.train import checkpoint as ckpt
-from tuneforge.train.events import EventHandler, RunEvent, RunSummary, StopRequest
-from tuneforge.train.kernels import Kernels, effective_dropout, install_kernels, resolve_kernels
-from tuneforge.train.loss import count_targets, dataset_loss, loss_fn_for, output_head
-from tuneforge.train.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
+from tuneforge.training import checkpoint as ckpt
+from tuneforge.training.events import EventHandler, RunEvent, RunSummary, StopRequest
+from tuneforge.training.kernels import Kernels, effective_dropout, install_kernels, resolve_kernels
+from tuneforge.training.loss import count_targets, dataset_loss, loss_fn_for, output_head
+from tuneforge.training.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def uses_gradient_checkpointing(spec: JobSpec) -> bool:
 
 def build_model(spec: JobSpec, model_path: Path, device: torch.device, base_dtype: torch.dtype,
                 kernels: Kernels | None = None):
-    """The base model with the method applied and the chosen kernels installed (train/kernels.py)."""
+    """The base model with the method applied and the chosen kernels installed (training/kernels.py)."""
     t = spec.training
-    kernels = kernels or resolve_kernels(t.kernels.model_dump(), device, spec.adapter.dropout)
+    kernels = kernels or resolve_kernels(t.kernels.model_dump(), device, spec.method, spec.adapter.dropout)
     model = load_model(
         model_path,
         dtype=base_dtype,
@@ -343,7 +343,7 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
     # ---- model, optimizer, schedule
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    kernels = resolve_kernels(t.kernels.model_dump(), device, spec.adapter.dropout)
+    kernels = resolve_kernels(t.kernels.model_dump(), device, spec.method, spec.adapter.dropout)
     model = build_model(spec, model_path, device, base_dtype, kernels)
     if kernels.loss == "chunked" and output_head(model) is None:  # e.g. prompt tuning: virtual tokens need logits
         kernels = replace(kernels, loss="library")

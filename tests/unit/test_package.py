@@ -1,0 +1,59 @@
+"""The package's public surface and the direction of its imports."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import tuneforge
+
+SRC = Path(tuneforge.__file__).parent
+
+
+def test_public_train_is_the_function_even_after_the_engine_is_imported(tiny_models, chat_file, tmp_path):
+    from tests.conftest import tiny_spec
+    import tuneforge.training.recipe  # noqa: F401  (importing a subpackage sets an attribute on the package)
+
+    for run in ("a", "b"):
+        summary = tuneforge.train(tiny_spec(tiny_models["llama"], chat_file, tmp_path / run, max_steps=1), progress=False)
+        assert summary.status == "succeeded"
+
+
+def _imports(path: Path) -> set[str]:
+    """tuneforge modules imported anywhere in `path` (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tuneforge"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("tuneforge"))
+    return found
+
+
+def _module(path: Path) -> str:
+    return ".".join(("tuneforge", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def test_imports_flow_one_way():
+    """Layers, lowest first. A module may import its own layer and those below, never one above;
+    `api` (the facade) is imported only by the entry points (cli, demo, the package's lazy exports)."""
+    layers = [
+        {"errors", "files", "hardware"},
+        {"spec", "data", "models", "methods", "distributed"},
+        {"training", "inference"},
+        {"evaluate"},
+        {"api"},
+        {"cli", "demo", "demo_data", "__init__"},
+    ]
+    rank = {name: i for i, layer in enumerate(layers) for name in layer}
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        mod = _module(path)
+        part = mod.split(".")[1] if mod != "tuneforge" else "__init__"
+        for imported in _imports(path):
+            bits = imported.split(".")
+            if len(bits) < 2 or bits[1] not in rank:
+                continue
+            if rank[bits[1]] > rank[part]:
+                problems.append(f"{mod} imports {imported}")
+    assert problems == []
