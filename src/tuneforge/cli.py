@@ -191,6 +191,36 @@ def _number(kind, low: float, what: str):
 positive_int = _number(int, 1, "a whole number of at least 1")
 non_negative_float = _number(float, 0.0, "0 or more")
 
+def _service_settings(args):
+    from tuneforge.service.settings import ServiceSettings, parse_base_models
+
+    return ServiceSettings(data_dir=args.data_dir, database_url=args.database_url,
+                           base_models=parse_base_models(getattr(args, "base_model", None) or []))
+
+
+def cmd_serve(args) -> int:
+    from tuneforge.service.supervisor import serve
+
+    settings = _service_settings(args)
+    settings = settings.model_copy(update={
+        "max_upload_bytes": args.max_upload_mb * 2**20, "max_active_jobs_per_org": args.max_jobs_per_org,
+        "heartbeat_seconds": args.heartbeat_seconds, "reclaim_after_seconds": args.reclaim_after_seconds,
+        "poll_seconds": args.poll_seconds, "training_threads": args.training_threads})
+    return serve(settings, host=args.host, port=args.port, workers=args.workers)
+
+
+def cmd_keys_create(args) -> int:
+    from tuneforge.service.auth import create_key
+    from tuneforge.service.context import ServiceContext
+
+    settings = _service_settings(args)
+    ctx = ServiceContext.open(settings)
+    key = create_key(ctx.store, settings.pepper(), args.org)
+    print(key)
+    print(f"API key for org '{args.org}' (shown once; the server keeps only its HMAC)", file=sys.stderr)
+    return 0
+
+
 TEMPLATE_HELP = "prompt format string over the record's fields, e.g. 'Review: {text}\\nSentiment:' (default: the run's)"
 
 
@@ -265,6 +295,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", help="held-out JSONL (default: the spec's eval.data or validation file)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible fine-tuning API (files, jobs, models) + workers")
+    p.add_argument("--data-dir", required=True, help="files, job runs, the SQLite database and the key pepper")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--workers", type=_number(int, 0, "0 or more"), default=1, help="training worker processes")
+    p.add_argument("--base-model", action="append", metavar="NAME=SOURCE",
+                   help="a model users may fine-tune (alias, folder or .gguf; repeatable; default smollm2-135m-instruct)")
+    p.add_argument("--database-url", help="postgresql://user:password@host/db (default: SQLite in --data-dir)")
+    p.add_argument("--max-upload-mb", type=positive_int, default=512, help="largest upload (default 512)")
+    p.add_argument("--max-jobs-per-org", type=positive_int, default=4, help="unfinished jobs per org (default 4)")
+    positive_float = _number(float, 0.001, "a positive number of seconds")
+    p.add_argument("--heartbeat-seconds", type=positive_float, default=10.0, help="worker heartbeat (default 10)")
+    p.add_argument("--reclaim-after-seconds", type=positive_float, default=30.0,
+                   help="requeue a running job whose worker is silent this long (default 30)")
+    p.add_argument("--poll-seconds", type=positive_float, default=1.0,
+                   help="how often workers look for jobs and for cancel/pause (default 1)")
+    p.add_argument("--training-threads", type=positive_int, help="torch threads per training process")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="API keys of the fine-tuning service")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    k = ksub.add_parser("create", help="create an API key for an org (printed once)")
+    k.add_argument("--data-dir", required=True)
+    k.add_argument("--org", required=True, help="organization name: lowercase letters, digits, '-'")
+    k.add_argument("--database-url", help="as given to `tuneforge serve`")
+    k.set_defaults(func=cmd_keys_create)
 
     p = sub.add_parser("demo", help="fine-tune SmolLM2 on ticket triage and show before/after")
     p.add_argument("--output-dir", default="runs/demo", help="run folder (replaced if an earlier demo made it)")

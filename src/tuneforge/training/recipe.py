@@ -409,13 +409,14 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
                            else collate([train_data.examples[i] for i in mb], pad_id) for mb in micro_batches]
                 # Normalise by the targets of the whole accumulated batch (across processes too).
                 n_targets = strategy.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
-                loss_sum = 0.0
+                loss_sum = correct_sum = 0.0
                 for batch in batches:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast(device, autocast_dtype):
-                        loss, _ = loss_fn(batch)
+                        loss, correct = loss_fn(batch)
                     scaler.scale(loss / n_targets).backward()  # scale: identity unless fp16
                     loss_sum += loss.item()
+                    correct_sum += correct.item()
                     session_tokens += real_tokens(batch)
                 scaler.unscale_(optimizer)  # clip the true gradients
                 grad_norm = (
@@ -433,7 +434,8 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
                 tokens_seen += sum(real_tokens(b) for b in batches)
 
                 is_last = step >= total_steps
-                record = {"train_loss": last_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                record = {"train_loss": last_loss, "train_token_accuracy": strategy.all_reduce_sum(correct_sum) / n_targets,
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "epoch": epoch + step_in_epoch / len(steps), "tokens_per_second": session_tokens / train_seconds}
                 if valid_data is not None and (step % t.eval_every == 0 or is_last):
                     last_eval = dataset_loss(model, valid_data, t.batch_size, pad_id, device, autocast_dtype,

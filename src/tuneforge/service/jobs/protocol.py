@@ -1,0 +1,181 @@
+"""Fine-tuning jobs API shapes: requests as OpenAI accepts them (unknown fields refused, so mass-assignment
+of `status`, `organization_id` or `trained_tokens` is a 400), answers as the openai SDK's `FineTuningJob`,
+`FineTuningJobEvent` and `FineTuningJobCheckpoint` define them."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HyperparametersIn(_Request):
+    batch_size: Literal["auto"] | int | None = None
+    learning_rate_multiplier: Literal["auto"] | float | None = None
+    n_epochs: Literal["auto"] | int | None = None
+
+
+class SupervisedIn(_Request):
+    hyperparameters: HyperparametersIn | None = None
+
+
+class MethodIn(_Request):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedIn | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class JobCreate(_Request):
+    model: str = Field(description="A base model this server offers (GET /v1/models).")
+    training_file: str = Field(description="ID of an uploaded file with purpose fine-tune.")
+    validation_file: str | None = None
+    hyperparameters: HyperparametersIn | None = Field(None, description="Deprecated by OpenAI in favour of method.")
+    method: MethodIn | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    suffix: str | None = Field(None, max_length=64)
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+    tuneforge: dict[str, Any] | None = Field(
+        None, description="tuneforge extension: any part of the job spec, e.g. {\"method\": \"qlora\", "
+        "\"adapter\": {\"r\": 8}, \"training\": {\"max_steps\": 20}} (validated by the same JobSpec as the CLI).")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > 16:
+            raise ValueError("at most 16 keys")
+        for key, value in v.items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("keys are at most 64 characters and values at most 512")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v is not None and (":" in v or not v.strip()):
+            raise ValueError("a non-empty string without ':' (it becomes part of the model name)")
+        return v
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Hyperparameters(BaseModel):
+    batch_size: Literal["auto"] | int | None = None
+    learning_rate_multiplier: Literal["auto"] | float | None = None
+    n_epochs: Literal["auto"] | int | None = None
+
+
+class Supervised(BaseModel):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: Supervised | None = None
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: Hyperparameters
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: JobStatus
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+
+
+class Event(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] | None = None
+    data: dict[str, Any] | None = None
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Event]
+    has_more: bool
+
+
+class CheckpointMetrics(BaseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class Checkpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Checkpoint]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+def job_object(row: dict) -> Job:
+    hp = Hyperparameters(**row["hyperparameters"])
+    method = Method(type=row["method"].get("type", "supervised"), supervised=Supervised(hyperparameters=hp))
+    return Job(id=row["id"], created_at=row["created_at"], error=JobError(**row["error"]) if row["error"] else None,
+               fine_tuned_model=row["fine_tuned_model"], finished_at=row["finished_at"], hyperparameters=hp,
+               model=row["model"], organization_id=row["org_id"], result_files=row["result_files"] or [],
+               seed=row["seed"], status=row["status"], trained_tokens=row["trained_tokens"],
+               training_file=row["training_file"], validation_file=row["validation_file"],
+               estimated_finish=row["estimated_finish"] if row["status"] == "running" else None,
+               integrations=[], metadata=row["metadata"], method=method)
+
+
+def event_object(row: dict) -> Event:
+    return Event(id=row["id"], created_at=row["created_at"], level=row["level"], message=row["message"],
+                 type=row["type"], data=row["data"])
+
+
+def checkpoint_object(row: dict) -> Checkpoint:
+    return Checkpoint(id=row["id"], created_at=row["created_at"], fine_tuned_model_checkpoint=row["model_name"],
+                      fine_tuning_job_id=row["job_id"], metrics=CheckpointMetrics(**row["metrics"]),
+                      step_number=row["step"])

@@ -1,0 +1,284 @@
+"""Fine-tuning jobs: an OpenAI job request becomes a tuneforge JobSpec (the same one the CLI runs), its
+files are checked by the engine's validator, and the job is queued for a worker. Testable without HTTP."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import secrets
+from typing import Any
+
+from tuneforge.errors import SpecError
+from tuneforge.service.auth import Org
+from tuneforge.service.context import ServiceContext
+from tuneforge.service.errors import InvalidRequest, NotFound, TooManyRequests
+from tuneforge.service.files.service import file_path
+from tuneforge.service.idempotency import idempotent, payload_hash
+from tuneforge.service.jobs.protocol import (Checkpoint, CheckpointList, EventList, Job, JobCreate, JobList,
+                                             checkpoint_object, event_object, job_object)
+from tuneforge.service.storage.store import now
+
+BASE_LR = 2.0e-4  # what learning_rate_multiplier multiplies: the engine's default peak learning rate
+MIN_EXAMPLES = 10  # as OpenAI: fewer is `invalid_n_examples`
+# Parts of the spec the service owns: a job may not point the engine at other files or folders.
+SERVICE_OWNED = {"model": "model", "output_dir": "output_dir", "trust_remote_code": "trust_remote_code",
+                 "data.train": "training_file", "data.validation": "validation_file", "eval": "eval"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def ft_model_name(base: str, org_name: str, suffix: str | None, job_id: str) -> str:
+    return f"ft:{base}:{org_name}:{suffix or ''}:{job_id.split('-', 1)[1][:8]}"
+
+
+def add_event(ctx: ServiceContext, job_id: str, message: str, *, level: str = "info", type: str = "message",
+              data: dict | None = None, dedup: str | None = None) -> bool:
+    """Record a job event once: a second event with the same `dedup` (a resumed step, a retried
+    transition) is dropped."""
+    return ctx.store.add_event({"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level,
+                                "message": message, "type": type, "data": data,
+                                "dedup": dedup or hashlib.sha256(f"{type}\0{message}".encode()).hexdigest()[:40]})
+
+
+# ---------------------------------------------------------------- create
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            keys += _flat_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def _hyperparameters(req: JobCreate) -> tuple[dict, str]:
+    """The request's hyperparameters (method.supervised or the legacy top-level field) and their param path."""
+    method = req.method
+    if method is not None and method.type != "supervised":
+        raise InvalidRequest(f"method.type: {method.type!r} is not available yet on this server (preference tuning "
+                             "is a planned engine feature); use method.type 'supervised'", param="method.type",
+                             code="unsupported_method")
+    nested = method.supervised.hyperparameters if method and method.supervised else None
+    if nested is not None and req.hyperparameters is not None:
+        raise InvalidRequest("give hyperparameters in method.supervised.hyperparameters or (deprecated) top-level "
+                             "hyperparameters, not both", param="hyperparameters")
+    if nested is not None:
+        return nested.model_dump(exclude_none=True), "method.supervised.hyperparameters"
+    return (req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters else {}), "hyperparameters"
+
+
+def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int) -> tuple[Any, dict]:
+    """The tuneforge JobSpec for a request, and the resolved hyperparameters. 400 naming the `param` on a problem."""
+    from tuneforge.spec import build_spec
+
+    hp, hp_param = _hyperparameters(req)
+    ext = req.tuneforge or {}
+    owned = [k for k in _flat_keys(ext) if k in SERVICE_OWNED]
+    if owned:
+        raise InvalidRequest(f"tuneforge.{owned[0]}: set by the service from `{SERVICE_OWNED[owned[0]]}`; remove it",
+                             param=f"tuneforge.{owned[0]}")
+    training_ext = ext.get("training", {}) if isinstance(ext.get("training"), dict) else {}
+    for name, key in (("n_epochs", "epochs"), ("batch_size", "batch_size"), ("learning_rate_multiplier", "lr")):
+        if hp.get(name, "auto") != "auto" and key in training_ext:
+            raise InvalidRequest(f"{hp_param}.{name} and tuneforge.training.{key} both set; give one",
+                                 param=f"{hp_param}.{name}")
+    training: dict[str, Any] = {"seed": seed, "save_every": ctx.settings.default_save_every}
+    for name, key in (("n_epochs", "epochs"), ("batch_size", "batch_size")):
+        value = hp.get(name, "auto")
+        if value != "auto":
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"{hp_param}.{name}: must be a whole number of at least 1 or 'auto'",
+                                     param=f"{hp_param}.{name}")
+            training[key] = value
+    multiplier = hp.get("learning_rate_multiplier", "auto")
+    if multiplier != "auto":
+        if not (isinstance(multiplier, (int, float)) and multiplier > 0 and math.isfinite(multiplier)):
+            raise InvalidRequest(f"{hp_param}.learning_rate_multiplier: must be a positive number or 'auto'",
+                                 param=f"{hp_param}.learning_rate_multiplier")
+        training["lr"] = BASE_LR * multiplier
+    raw = {
+        "model": ctx.settings.base_models[req.model],
+        "task": "chat",
+        "data": {"train": str(file_path(ctx, req.training_file))},
+        "method": "lora",
+        "training": training,
+        "output_dir": str(ctx.settings.jobs_dir / job_id / "run"),
+    }
+    if req.validation_file:
+        raw["data"]["validation"] = str(file_path(ctx, req.validation_file))
+    raw = _merge(raw, ext)
+    try:
+        spec = build_spec(raw, source="request")
+    except SpecError as e:
+        first = e.problems[0] if e.problems else None
+        names = {"training.epochs": f"{hp_param}.n_epochs", "training.batch_size": f"{hp_param}.batch_size",
+                 "training.lr": f"{hp_param}.learning_rate_multiplier"}
+        param = None
+        if first is not None:
+            param = f"tuneforge.{first.field}" if first.field.split(".")[0] in ext else names.get(first.field, first.field)
+        problems = "; ".join(f"{p.field}: {p.message}" for p in e.problems) or str(e)
+        raise InvalidRequest(f"invalid job: {problems}", param=param, code="invalid_job_spec") from None
+    t = spec.training
+    resolved = {"n_epochs": int(t.epochs) if float(t.epochs).is_integer() else t.epochs,
+                "batch_size": t.batch_size, "learning_rate_multiplier": round(t.lr / BASE_LR, 6)}
+    return spec, resolved
+
+
+def _check_file(ctx: ServiceContext, org: Org, file_id: str, param: str) -> None:
+    row = ctx.store.get_file(org.id, file_id)
+    if row is None:
+        raise InvalidRequest(f"{param}: no such file {file_id} (upload it with purpose 'fine-tune')", param=param,
+                             code="file_not_found")
+    if row["purpose"] != "fine-tune":
+        raise InvalidRequest(f"{param}: file {file_id} has purpose {row['purpose']!r}, not 'fine-tune'", param=param,
+                             code="invalid_file_purpose")
+
+
+def create(ctx: ServiceContext, org: Org, req: JobCreate, idempotency_key: str | None) -> tuple[int, dict]:
+    body = json.dumps(req.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+    return idempotent(ctx.store, org.id, "POST /v1/fine_tuning/jobs", idempotency_key, payload_hash(body),
+                      lambda: (200, _create(ctx, org, req)))
+
+
+def _create(ctx: ServiceContext, org: Org, req: JobCreate) -> Job:
+    if req.model not in ctx.settings.base_models:
+        offered = ", ".join(sorted(ctx.settings.base_models))
+        raise InvalidRequest(f"model: {req.model!r} cannot be fine-tuned on this server; available: {offered}",
+                             param="model", code="model_not_available")
+    if req.integrations:
+        raise InvalidRequest("integrations: not supported by this server (metrics are in the job's events and "
+                             "result file)", param="integrations", code="unsupported_integration")
+    _check_file(ctx, org, req.training_file, "training_file")
+    if req.validation_file:
+        _check_file(ctx, org, req.validation_file, "validation_file")
+    if ctx.store.count_active_jobs(org.id) >= ctx.settings.max_active_jobs_per_org:
+        raise TooManyRequests(f"this organization already has {ctx.settings.max_active_jobs_per_org} unfinished "
+                              "fine-tuning jobs, the server's limit; wait for one to finish or cancel one",
+                              code="too_many_jobs", headers={"Retry-After": "60"})
+    job_id = new_id("ftjob")
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+    spec, resolved = build_job_spec(ctx, req, job_id, seed)
+    method = {"type": "supervised", "supervised": {"hyperparameters": resolved}}
+    row = {"id": job_id, "org_id": org.id, "status": "validating_files", "model": req.model, "fine_tuned_model": None,
+           "training_file": req.training_file, "validation_file": req.validation_file, "suffix": req.suffix,
+           "seed": seed, "metadata": req.metadata, "hyperparameters": resolved, "method": method,
+           "spec": spec.model_dump(mode="json"), "error": None, "created_at": now(), "started_at": None,
+           "finished_at": None, "trained_tokens": None, "estimated_finish": None, "result_files": [],
+           "requested": None, "worker_id": None, "heartbeat_at": None, "attempts": 0, "step": 0, "total_steps": None}
+    ctx.store.insert_job(row)
+    add_event(ctx, job_id, f"Validating training file: {req.training_file}"
+              + (f" and validation file: {req.validation_file}" if req.validation_file else ""), dedup="validating")
+    validate_files(ctx, job_id)
+    return job_object(ctx.store.get_job(job_id))
+
+
+def validate_files(ctx: ServiceContext, job_id: str) -> str:
+    """validating_files -> queued, or failed with OpenAI's error codes and the engine's line-numbered problems."""
+    from tuneforge.data.validate import validate_jsonl
+    from tuneforge.spec import JobSpec
+
+    job = ctx.store.get_job(job_id)
+    spec = JobSpec.model_validate(job["spec"])
+    error = None
+    for param, path in (("training_file", spec.data.train), ("validation_file", spec.data.validation)):
+        if path is None:
+            continue
+        file_id = job[param]
+        report = validate_jsonl(path, spec.task, spec.labels)  # its messages name lines, not our paths
+        if report.errors:
+            shown = "; ".join(f"line {p.line}: {p.field}: {p.message}" if p.line else f"{p.field}: {p.message}"
+                              for p in report.errors[:10])
+            more = f" (and {len(report.errors) - 10} more)" if len(report.errors) > 10 else ""
+            error = {"code": f"invalid_{param}", "param": param,
+                     "message": f"{param} {file_id} has {len(report.errors)} problem(s) in {spec.task} format: "
+                                f"{shown}{more}"}
+            break
+        if param == "training_file" and len(report.records) < MIN_EXAMPLES:
+            error = {"code": "invalid_n_examples", "param": "training_file",
+                     "message": f"training_file {file_id} has {len(report.records)} example(s); at least "
+                                f"{MIN_EXAMPLES} are needed"}
+            break
+    if error:
+        if ctx.store.set_status(job_id, ("validating_files",), "failed", error=error, finished_at=now()):
+            add_event(ctx, job_id, error["message"], level="error", dedup="failed")
+        return "failed"
+    if ctx.store.set_status(job_id, ("validating_files",), "queued"):
+        add_event(ctx, job_id, "Files validated, moving job to queued state", dedup="queued")
+    return "queued"
+
+
+# ---------------------------------------------------------------- read and control
+
+
+def get(ctx: ServiceContext, org: Org, job_id: str) -> Job:
+    row = ctx.store.get_job(job_id, org.id)
+    if row is None:
+        raise NotFound("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return job_object(row)
+
+
+def list_jobs(ctx: ServiceContext, org: Org, *, after: str | None, limit: int, metadata: dict[str, str]) -> JobList:
+    rows, has_more = ctx.store.list_jobs(org.id, limit=limit, after=after, meta=metadata)
+    if rows is None:
+        raise InvalidRequest(f"after: no fine-tuning job {after} to list after", param="after")
+    return JobList(data=[job_object(r) for r in rows], has_more=has_more)
+
+
+def control(ctx: ServiceContext, org: Org, job_id: str, what: str) -> Job:
+    """cancel / pause / resume. A queued job changes at once; a running one stops at its next step boundary
+    with a checkpoint (within seconds) and its worker records the new status."""
+    before = get(ctx, org, job_id)
+    if what == "resume":
+        status = ctx.store.resume_job(org.id, job_id)
+        if status != "queued":
+            raise InvalidRequest(f"job {job_id} is {before.status}; only a paused job can be resumed",
+                                 param="fine_tuning_job_id", code="invalid_job_state")
+        add_event(ctx, job_id, "Job resumed: queued to continue from its last checkpoint",
+                  dedup=f"resume:{secrets.token_hex(4)}")
+        return get(ctx, org, job_id)
+    if before.status in ("succeeded", "failed", "cancelled"):
+        raise InvalidRequest(f"job {job_id} already {before.status}; it cannot be {what}ed",
+                             param="fine_tuning_job_id", code="invalid_job_state")
+    if what == "pause" and before.status == "paused":
+        return before
+    status = ctx.store.request_stop(org.id, job_id, what)
+    if status in ("cancelled", "paused"):
+        add_event(ctx, job_id, "Job cancelled" if status == "cancelled" else "Job paused", dedup=status
+                  if status == "cancelled" else f"paused:{secrets.token_hex(4)}")
+    elif status == "running":
+        add_event(ctx, job_id, f"{what.capitalize()} requested: stopping at the next step with a checkpoint",
+                  dedup=f"{what}-requested:{secrets.token_hex(4)}")
+    return get(ctx, org, job_id)
+
+
+def events(ctx: ServiceContext, org: Org, job_id: str, *, after: str | None, limit: int) -> EventList:
+    get(ctx, org, job_id)
+    rows, has_more = ctx.store.list_events(job_id, limit=limit, after=after)
+    if rows is None:
+        raise InvalidRequest(f"after: no event {after} in job {job_id}", param="after")
+    return EventList(data=[event_object(r) for r in rows], has_more=has_more)
+
+
+def checkpoints(ctx: ServiceContext, org: Org, job_id: str, *, after: str | None, limit: int) -> CheckpointList:
+    get(ctx, org, job_id)
+    rows, has_more = ctx.store.list_checkpoints(job_id, limit=limit, after=after)
+    if rows is None:
+        raise InvalidRequest(f"after: no checkpoint {after} in job {job_id}", param="after")
+    data: list[Checkpoint] = [checkpoint_object(r) for r in rows]
+    return CheckpointList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                          has_more=has_more)
+

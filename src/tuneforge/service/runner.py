@@ -1,0 +1,163 @@
+"""One training attempt of one job, in its own process: `python -m tuneforge.service.runner JOB_ID`.
+
+Its own process because the engine sets process-wide state for some jobs (the QLoRA allocator setting,
+layers patched in place, torch's thread pool) and one job must never inherit another's. It resumes from
+the run's newest checkpoint when there is one, turns the engine's events into job events and checkpoint
+rows (each deduplicated, so a resumed step is not recorded twice), and stops at the next step boundary
+with a checkpoint on SIGTERM (the worker's cancel, pause or shutdown).
+
+Exit status: 0 trained to the end (result.json written), 3 stopped on request, 1 the job cannot run as
+specified (error.json: code, message, param), 2 an unexpected error (a bug: the traceback is in the log).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tuneforge.service.context import ServiceContext
+from tuneforge.service.jobs.service import add_event, ft_model_name, new_id
+from tuneforge.service.settings import ServiceSettings
+from tuneforge.service.storage.store import now
+from tuneforge.training.events import RunEvent
+
+EXIT_OK, EXIT_FAILED, EXIT_CRASHED, EXIT_STOPPED = 0, 1, 2, 3
+ESTIMATE_EVERY_SECONDS = 2.0
+
+
+def job_dir(ctx: ServiceContext, job_id: str) -> Path:
+    return ctx.settings.jobs_dir / job_id
+
+
+def public_text(text: str, job: dict, spec) -> str:
+    """A message for the job's owner: server paths replaced by the file ids and names the client knows."""
+    for path, name in ((spec.data.train, f"training_file {job['training_file']}"),
+                       (spec.data.validation, f"validation_file {job['validation_file']}"),
+                       (spec.output_dir, "the job's run folder"), (str(Path(spec.output_dir).parent), "the job")):
+        if path:
+            text = text.replace(str(path), name)
+    return text
+
+
+class JobEvents:
+    """The engine's RunEvents -> job events, checkpoint rows and the job's progress fields."""
+
+    def __init__(self, ctx: ServiceContext, job: dict, model_name: str, spec):
+        self.ctx, self.job, self.model_name, self.spec = ctx, job, model_name, spec
+        self.metrics: dict[int, dict] = {}
+        self.started = time.time()
+        self.first_step: int | None = None
+        self.last_estimate = 0.0
+
+    def __call__(self, e: RunEvent) -> None:
+        job_id = self.job["id"]
+        if e.kind == "started":
+            self.ctx.store.update_job(job_id, total_steps=e.total_steps)
+            if e.step:
+                add_event(self.ctx, job_id, f"Fine-tuning resumed from step {e.step}/{e.total_steps}",
+                          dedup=f"resumed:{e.step}:{self.job['attempts']}:{int(self.started)}")
+            else:
+                add_event(self.ctx, job_id, "Fine-tuning job started", dedup="started")
+        elif e.kind == "step":
+            self._step(e)
+        elif e.kind == "checkpoint":
+            self._checkpoint(e)
+        elif e.kind == "warning":
+            add_event(self.ctx, job_id, public_text(e.message, self.job, self.spec), level="warn")
+
+    def _step(self, e: RunEvent) -> None:
+        d = e.data
+        data = {"step": e.step, "train_loss": d["train_loss"], "train_mean_token_accuracy": d.get("train_token_accuracy"),
+                "valid_loss": d.get("eval_loss"), "valid_mean_token_accuracy": d.get("eval_token_accuracy"),
+                "total_steps": e.total_steps}
+        self.metrics[e.step] = data
+        message = f"Step {e.step}/{e.total_steps}: training loss={d['train_loss']:.4f}"
+        if d.get("eval_loss") is not None:
+            message += f", validation loss={d['eval_loss']:.4f}"
+        add_event(self.ctx, self.job["id"], message, type="metrics", data=data, dedup=f"step:{e.step}")
+        if self.first_step is None:
+            self.first_step, self.started = e.step, time.time()
+        elif time.time() - self.last_estimate >= ESTIMATE_EVERY_SECONDS:  # from this attempt's measured pace
+            per_step = (time.time() - self.started) / max(e.step - self.first_step, 1)
+            self.ctx.store.update_job(self.job["id"], estimated_finish=int(time.time() + per_step * (e.total_steps - e.step)))
+            self.last_estimate = time.time()
+
+    def _checkpoint(self, e: RunEvent) -> None:
+        from tuneforge.training.checkpoint import list_checkpoints
+
+        job_id, step = self.job["id"], e.step
+        metrics = {k: v for k, v in self.metrics.get(step, {"step": step}).items() if k != "total_steps"}
+        self.ctx.store.upsert_checkpoint({"id": new_id("ftckpt"), "job_id": job_id, "org_id": self.job["org_id"],
+                                         "step": step, "created_at": now(), "metrics": metrics,
+                                         "model_name": f"{self.model_name}:ckpt-step-{step}"})
+        run = Path(e.data["path"]).parent.parent
+        self.ctx.store.keep_checkpoints(job_id, [int(p.name.split("-")[1]) for p in list_checkpoints(run)])
+        self.ctx.store.update_job(job_id, step=step, attempts=0)  # progress: a crash from here costs no attempt
+        add_event(self.ctx, job_id, f"Checkpoint created at step {step}", dedup=f"checkpoint:{step}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    from tuneforge.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def run(job_id: str) -> int:
+    from tuneforge import api
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.hardware import resolve_device
+    from tuneforge.spec import JobSpec
+    from tuneforge.training.allocator import return_big_buffers_to_os
+    from tuneforge.training.checkpoint import latest_checkpoint
+    from tuneforge.training.events import StopRequest
+
+    settings = ServiceSettings.from_env()
+    ctx = ServiceContext.open(settings, migrate=False)
+    job = ctx.store.get_job(job_id)
+    folder = job_dir(ctx, job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("error.json", "result.json"):  # what an earlier attempt left
+        (folder / stale).unlink(missing_ok=True)
+    stop = StopRequest()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.request(signal.Signals(signum).name))
+    try:
+        spec = JobSpec.model_validate(job["spec"])
+        if settings.training_threads:
+            import torch
+
+            torch.set_num_threads(settings.training_threads)
+        if spec.method == "qlora" and resolve_device(spec.device).type == "cpu":
+            return_big_buffers_to_os()  # process-wide: this process is this job's alone
+        org = ctx.store.get_org(job["org_id"])
+        events = JobEvents(ctx, job, ft_model_name(job["model"], org["name"], job["suffix"], job_id), spec)
+        resume = latest_checkpoint(Path(spec.output_dir)) is not None
+        summary = api.train(spec, resume=resume, on_event=events, stop=stop, progress=False)
+    except TuneforgeError as e:
+        problems = [{**p.as_dict(), "source": None} for p in e.problems]
+        spec = JobSpec.model_validate(job["spec"])
+        write_json(folder / "error.json", {"code": type(e).__name__, "message": public_text(str(e), job, spec),
+                                           "problems": problems})
+        return EXIT_FAILED
+    write_json(folder / "result.json", summary.model_dump(mode="json"))
+    return EXIT_OK if summary.status == "succeeded" else EXIT_STOPPED
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print("usage: python -m tuneforge.service.runner JOB_ID", file=sys.stderr)
+        return 2
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(sys.argv[1])
+    except Exception:
+        logging.getLogger("tuneforge.service.runner").exception("training attempt crashed")
+        return EXIT_CRASHED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

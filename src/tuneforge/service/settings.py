@@ -1,0 +1,86 @@
+"""The service's settings: one pydantic model shared by `tuneforge serve`, the API process and the workers
+(passed to child processes as JSON in TUNEFORGE_SERVICE_SETTINGS)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneforge.errors import SpecError
+
+ENV_VAR = "TUNEFORGE_SERVICE_SETTINGS"
+DEFAULT_BASE_MODELS = {"smollm2-135m-instruct": "smollm2-135m-instruct"}
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path = Field(description="Uploaded files, job run folders, the SQLite database and the key pepper.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/tuneforge.db. "
+                                     "postgresql://user:pass@host/db uses PostgreSQL (psycopg 3).")
+    base_models: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_BASE_MODELS),
+                                        description="Model name users may fine-tune -> alias, local folder or .gguf.")
+    max_upload_bytes: int = Field(512 * 2**20, ge=1, description="Largest upload; enforced while streaming (413).")
+    max_active_jobs_per_org: int = Field(4, ge=1, description="Jobs not yet finished per org; beyond it 429.")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker marks its running job alive.")
+    reclaim_after_seconds: float = Field(30.0, gt=0, description="A running job whose worker is silent this long "
+                                         "is requeued and resumed from its last checkpoint.")
+    poll_seconds: float = Field(1.0, gt=0, description="How often an idle worker looks for work, and a busy one "
+                                "for cancel/pause requests.")
+    max_attempts: int = Field(10, ge=1, description="Training attempts per job that end without progress before "
+                              "the job fails (an attempt that wrote a new checkpoint does not count).")
+    training_threads: int | None = Field(None, ge=1, description="torch threads per training subprocess "
+                                         "(default: torch's own choice).")
+    default_save_every: int = Field(10, ge=1, description="training.save_every for service jobs that do not set "
+                                    "it: how many steps a crash, cancel or pause can cost at most.")
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'tuneforge.db').absolute()}"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    def pepper(self) -> bytes:
+        """The server-side secret mixed into every API-key hash: TUNEFORGE_PEPPER, else DATA_DIR/pepper
+        (made on first use, readable by its owner only)."""
+        if os.environ.get("TUNEFORGE_PEPPER"):
+            return os.environ["TUNEFORGE_PEPPER"].encode()
+        path = self.data_dir / "pepper"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_VAR: self.model_dump_json()}
+
+    @classmethod
+    def from_env(cls) -> ServiceSettings:
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            raise SpecError(f"{ENV_VAR} is not set: start the service with `tuneforge serve`")
+        return cls.model_validate(json.loads(raw))
+
+
+def parse_base_models(items: list[str]) -> dict[str, str]:
+    """`--base-model NAME=SOURCE` (repeatable) -> {NAME: SOURCE}; none given: SmolLM2-135M-Instruct."""
+    if not items:
+        return dict(DEFAULT_BASE_MODELS)
+    out = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise SpecError(f"--base-model {item!r}: expected NAME=SOURCE (an alias, a model folder or a .gguf file)")
+        out[name.strip()] = source.strip()
+    return out

@@ -1,0 +1,220 @@
+"""A worker process: claims queued jobs one at a time and runs each training attempt in its own subprocess
+(`runner.py`), keeping the job's heartbeat, passing on cancel and pause, and recording how the attempt
+ended. `python -m tuneforge.service.worker` (started by `tuneforge serve --workers N`).
+
+Survival rules:
+- a job whose worker has been silent for `reclaim_after_seconds` is requeued by any worker and resumes
+  from its newest complete checkpoint (a kill -9 of a worker or of the whole server loses at most the
+  steps since that checkpoint);
+- a training subprocess that dies (kill -9, out of memory) is retried; attempts that end without a new
+  checkpoint count, and after `max_attempts` of them the job fails;
+- every status change is a compare-and-swap that also requires this worker to still hold the job.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import io
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tuneforge.service.context import ServiceContext
+from tuneforge.service.jobs.service import add_event, ft_model_name, validate_files
+from tuneforge.service.runner import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, job_dir
+from tuneforge.service.settings import ServiceSettings
+from tuneforge.service.storage.store import now
+
+log = logging.getLogger("tuneforge.service.worker")
+PR_SET_PDEATHSIG = 1
+VALIDATION_GRACE_SECONDS = 60
+ERROR_CODES = {"DataError": ("invalid_training_file", "training_file"), "SpecError": ("invalid_job_spec", None),
+               "ModelError": ("model_error", "model"), "OutputError": ("storage_error", None)}
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGKILL to this child when its parent dies (Linux), so no training
+    outlives the worker that holds its job."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def results_csv(run: Path) -> bytes:
+    """OpenAI's results file: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy."""
+    from tuneforge.training.metrics import read_metrics
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+    for r in read_metrics(run):
+        writer.writerow([r["step"], r.get("train_loss", ""), r.get("train_token_accuracy", ""),
+                         r.get("eval_loss", ""), r.get("eval_token_accuracy", "")])
+    return out.getvalue().encode()
+
+
+class Worker:
+    def __init__(self, ctx: ServiceContext, worker_id: str | None = None):
+        self.ctx = ctx
+        self.s = ctx.settings
+        self.id = worker_id or f"worker-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.stopping = False
+
+    # ---------------------------------------------------------------- the loop
+
+    def run_forever(self) -> None:
+        log.info("%s started", self.id)
+        while not self.stopping:
+            self.reclaim()
+            job = self.ctx.store.claim_next_job(self.id)
+            if job is None:
+                time.sleep(self.s.poll_seconds)
+                continue
+            self.run_job(job)
+        log.info("%s stopped", self.id)
+
+    def reclaim(self) -> None:
+        """Requeue running jobs whose worker went silent; finish validating jobs whose API request died."""
+        cutoff = time.time() - self.s.reclaim_after_seconds
+        for job in self.ctx.store.stale_running_jobs(cutoff):
+            step = job["step"]
+            if job["requested"] in ("cancel", "pause"):
+                target = "cancelled" if job["requested"] == "cancel" else "paused"
+                extra = {"finished_at": now()} if target == "cancelled" else {}
+                if self.ctx.store.reclaim(job["id"], cutoff, target, requested=None, estimated_finish=None, **extra):
+                    add_event(self.ctx, job["id"], f"Job {target} (its worker stopped responding at step {step})",
+                              dedup=f"reclaim:{job['heartbeat_at']}")
+            elif job["attempts"] + 1 >= self.s.max_attempts:
+                error = {"code": "training_crashed", "param": None,
+                         "message": f"training stopped responding {job['attempts'] + 1} times without progress"}
+                if self.ctx.store.reclaim(job["id"], cutoff, "failed", error=error, finished_at=now()):
+                    add_event(self.ctx, job["id"], error["message"], level="error", dedup="failed")
+            elif self.ctx.store.reclaim(job["id"], cutoff, "queued", attempts=job["attempts"] + 1,
+                                        estimated_finish=None):
+                add_event(self.ctx, job["id"], f"Worker stopped responding; job requeued to resume from step {step}",
+                          level="warn", dedup=f"reclaim:{job['heartbeat_at']}")
+        for job in self.ctx.store.stale_validating_jobs(now() - VALIDATION_GRACE_SECONDS):
+            validate_files(self.ctx, job["id"])
+
+    # ---------------------------------------------------------------- one attempt
+
+    def run_job(self, job: dict) -> None:
+        job_id = job["id"]
+        folder = job_dir(self.ctx, job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        attempt = sum(1 for _ in folder.glob("attempt-*.log")) + 1
+        add_event(self.ctx, job_id, f"Training attempt {attempt} started by {self.id}",
+                  dedup=f"attempt:{attempt}:{self.id}")
+        env = {**os.environ, **self.s.to_env()}
+        with open(folder / f"attempt-{attempt}.log", "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "tuneforge.service.runner", job_id], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        requested = None
+        last_beat = time.time()
+        while True:
+            try:
+                code = proc.wait(timeout=self.s.poll_seconds)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if time.time() - last_beat >= self.s.heartbeat_seconds:
+                state = self.ctx.store.heartbeat(job_id, self.id)
+                last_beat = time.time()
+            else:
+                row = self.ctx.store.get_job(job_id)
+                held = row and row["status"] == "running" and row["worker_id"] == self.id
+                state = {"requested": row["requested"]} if held else None
+            if state is None:  # reclaimed by another worker: this attempt no longer counts
+                log.warning("%s lost job %s; stopping its training", self.id, job_id)
+                proc.kill()
+                proc.wait()
+                return
+            want = state["requested"] or ("shutdown" if self.stopping else None)
+            if want and requested is None:
+                requested = want
+                proc.send_signal(signal.SIGTERM)  # the runner checkpoints at the next step boundary
+        self.finish(job, code, folder)
+
+    def finish(self, job: dict, code: int, folder: Path) -> None:
+        job_id, store = job["id"], self.ctx.store
+        row = store.get_job(job_id)
+        requested = row["requested"] if row else None
+        if code == EXIT_OK:
+            self._succeeded(job, folder)
+        elif code == EXIT_STOPPED and requested in ("cancel", "pause"):
+            target = "cancelled" if requested == "cancel" else "paused"
+            extra = {"finished_at": now()} if target == "cancelled" else {}
+            if store.finish_attempt(job_id, self.id, target, requested=None, estimated_finish=None, **extra):
+                add_event(self.ctx, job_id, f"Job {target} at step {row['step']}",
+                          dedup="cancelled" if target == "cancelled" else f"paused:{row['step']}:{int(time.time())}")
+        elif code == EXIT_STOPPED:  # this worker is shutting down: another (or the next start) resumes it
+            if store.finish_attempt(job_id, self.id, "queued", estimated_finish=None):
+                add_event(self.ctx, job_id, f"Worker shutting down; job requeued at step {row['step']}",
+                          dedup=f"requeued:{row['step']}:{int(time.time())}")
+        elif code == EXIT_FAILED:
+            self._failed(job_id, folder)
+        else:  # killed or crashed: retry unless it keeps failing without progress
+            attempts = row["attempts"] + 1
+            if attempts >= self.s.max_attempts:
+                error = {"code": "training_crashed", "param": None,
+                         "message": f"the training process ended unexpectedly {attempts} times without progress "
+                                    f"(last exit status {code}); see {folder}"}
+                if store.finish_attempt(job_id, self.id, "failed", error=error, finished_at=now(), attempts=attempts):
+                    add_event(self.ctx, job_id, error["message"], level="error", dedup="failed")
+            elif store.finish_attempt(job_id, self.id, "queued", attempts=attempts, estimated_finish=None):
+                add_event(self.ctx, job_id, f"Training process ended unexpectedly (exit status {code}); "
+                          f"the job will resume from step {row['step']}", level="warn",
+                          dedup=f"crash:{row['step']}:{attempts}:{int(time.time())}")
+
+    def _succeeded(self, job: dict, folder: Path) -> None:
+        from tuneforge.service.files.service import add_result_file
+
+        job_id, store = job["id"], self.ctx.store
+        summary = json.loads((folder / "result.json").read_text())
+        org = store.get_org(job["org_id"])
+        name = ft_model_name(job["model"], org["name"], job["suffix"], job_id)
+        results = add_result_file(self.ctx, job["org_id"], job_id, "step_metrics.csv",
+                                  results_csv(Path(summary["output_dir"])))
+        store.insert_model({"id": name, "org_id": job["org_id"], "job_id": job_id, "base": job["model"],
+                            "created_at": now()})
+        add_event(self.ctx, job_id, f"New fine-tuned model created: {name}", dedup="model-created")
+        if store.finish_attempt(job_id, self.id, "succeeded", fine_tuned_model=name, finished_at=now(),
+                                trained_tokens=summary["tokens_seen"], result_files=[results], estimated_finish=None,
+                                requested=None, step=summary["steps"]):
+            add_event(self.ctx, job_id, "The job has successfully completed", dedup="succeeded")
+
+    def _failed(self, job_id: str, folder: Path) -> None:
+        try:
+            err = json.loads((folder / "error.json").read_text())
+        except (OSError, ValueError):
+            err = {"code": "Error", "message": "training failed (no error report)", "problems": []}
+        code, param = ERROR_CODES.get(err["code"], ("training_failed", None))
+        error = {"code": code, "param": param, "message": err["message"]}
+        if self.ctx.store.finish_attempt(job_id, self.id, "failed", error=error, finished_at=now(), estimated_finish=None):
+            add_event(self.ctx, job_id, err["message"], level="error", dedup="failed")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = ServiceContext.open(ServiceSettings.from_env())
+    worker = Worker(ctx)
+
+    def stop(signum, frame):
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
