@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from tuneforge import files
-from tuneforge.errors import CheckpointError, OutputError, TuneforgeError
+from tuneforge.errors import CheckpointError, OutputError, SpecError, TuneforgeError
 from tuneforge.inference import LoadedModel, generate, is_run_dir, load, require_finished_run
 from tuneforge.spec import JobSpec, build_spec, load_spec
 from tuneforge.training.events import ConsoleProgress, EventHandler, RunEvent, RunSummary, StopRequest
@@ -24,6 +24,8 @@ def resolve_job(spec: JobSpec | dict | str | Path, overrides: list[str] | tuple[
                 resume: bool = False) -> JobSpec:
     """A JobSpec from a JobSpec, a dict, a YAML path, or (with `resume`) a run folder or its spec.yaml:
     a run resumes where its folder now lies, even if it was moved or copied there."""
+    if isinstance(overrides, str):
+        raise SpecError(f"overrides: give a list of KEY=VALUE strings, e.g. [{overrides!r}]")
     if isinstance(spec, JobSpec):
         return build_spec(spec.model_dump(mode="json"), overrides) if overrides else spec
     if isinstance(spec, dict):
@@ -58,7 +60,7 @@ def train(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str
 
 def report(run_dir: str | Path, data: str | Path | None = None, *, progress: bool = True) -> Path:
     """Write `report.md`: base vs fine-tuned metrics on held-out data, loss curve, examples side by side."""
-    from tuneforge.evaluate.report import write_report
+    from tuneforge.evaluation.report import write_report
 
     run = Path(run_dir)
     require_finished_run(run)
@@ -70,7 +72,7 @@ def report(run_dir: str | Path, data: str | Path | None = None, *, progress: boo
 
 def evaluate(model: str | Path, data: str | Path, task: str | None = None, **kw) -> dict:
     """Metrics of a model or run on a held-out JSONL file (`tuneforge eval`)."""
-    from tuneforge.evaluate.runner import evaluate_file
+    from tuneforge.evaluation.runner import evaluate_file
 
     return evaluate_file(model, data, task, **kw)
 
@@ -80,6 +82,8 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
 
     `out` must be new, empty, or an earlier merge output (which is replaced); it may not be, hold or lie
     inside the run. Everything is checked before the model loads; a failed write leaves nothing behind."""
+    if not isinstance(out, (str, Path)) or not str(out).strip():
+        raise SpecError(f"--out: give the folder for the merged model, got {out!r}")
     run, out = Path(run_dir), files.expand(out)
     require_finished_run(run)
     spec = load_spec(run / "spec.yaml")
@@ -94,6 +98,8 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
         raise OutputError(f"--out: {out} {'is' if o == r else 'is inside' if r in o.parents else 'holds'} the run "
                           f"being merged ({run}); write the merged model to a folder of its own")
     files.check_writable_folder(out, "--out")
+    if out.is_dir() and files.owner_of(out) == "run":
+        raise OutputError(f"--out: {out} is a tuneforge run folder, not a merged model; merge into a folder of its own")
     if out.is_dir() and not files.is_empty_folder(out) and files.owner_of(out) != "merge":
         raise OutputError(files.not_ours_message(out, files.MERGE_MARKER, "--out"))
 

@@ -1,14 +1,18 @@
 """The `tuneforge` command: a table of subcommands over tuneforge.api. No logic lives here."""
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import signal
 import sys
-import warnings
-from contextlib import contextmanager
+
+try:  # a Ctrl-C while the command is still starting up: exit quietly, as later on
+    import argparse
+    import json
+    import logging
+    import os
+    import signal
+    import warnings
+    from contextlib import contextmanager
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
 
 
 def _quiet_libraries() -> None:
@@ -63,6 +67,9 @@ def cmd_train(args) -> int:
         with stop_on_signals(stop):
             summary = api.train(job, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
                                 on_event=console, stop=stop)
+    except KeyboardInterrupt:  # before training began, while nothing had been written
+        print(f"\ninterrupted ({stop.reason or 'SIGINT'}) before training started; nothing was saved", file=sys.stderr)
+        return 143 if stop.reason == "SIGTERM" else 130
     finally:
         console.close()  # an error message must not land inside the progress bar
     if args.json:
@@ -91,9 +98,10 @@ def cmd_data_generate(args) -> int:
     if args.dataset in ("demo", "chat", "classification"):
         sizes = {"demo": (160, 40, 20), "chat": (240, 120, 40), "classification": (240, 120, 40)}[args.dataset]
         paths = write_demo_data(args.out, *sizes[:2], n_valid=sizes[2],
-                                task="classification" if args.dataset == "classification" else "chat")
+                                task="classification" if args.dataset == "classification" else "chat",
+                                overwrite=args.overwrite)
     else:
-        paths = write_dataset(args.dataset, args.out)
+        paths = write_dataset(args.dataset, args.out, overwrite=args.overwrite)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -117,7 +125,7 @@ def cmd_generate(args) -> int:
     elif sys.stdin is None or sys.stdin.isatty():
         raise SpecError("no prompts: pass --prompt TEXT (repeatable) or pipe one prompt per line on stdin")
     else:
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        prompts = [line for line in _stdin_text().splitlines() if line.strip()]
         if not prompts:
             raise SpecError("no prompts: stdin was empty; pass --prompt TEXT or pipe one prompt per line")
     loaded = api.load(args.model, task=args.task, prompt_template=args.prompt_template)
@@ -127,6 +135,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _stdin_text() -> str:
+    """stdin as UTF-8 text; anything else is a usage error, not a traceback."""
+    from tuneforge.errors import SpecError
+
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"stdin is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "pass prompts as UTF-8") from None
+
+
+def _read_line(prompt: str) -> str | None:
+    from tuneforge.errors import SpecError
+
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    except UnicodeDecodeError:
+        raise SpecError("stdin is not UTF-8 text; type or pipe UTF-8") from None
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes kept as surrogates (a C or POSIX locale)
+        raise SpecError("stdin is not UTF-8 text; type or pipe UTF-8") from None
+    return line
+
+
 def cmd_chat(args) -> int:
     from tuneforge import api
 
@@ -134,12 +170,10 @@ def cmd_chat(args) -> int:
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
+        line = _read_line("you> ")
+        if line is None or not line.strip():
             break
-        if not line:
-            break
+        line = line.strip()
         history.append({"role": "user", "content": line})
         reply = api.generate(loaded, [history], max_new_tokens=args.max_new_tokens, temperature=args.temperature)[0]
         history.append({"role": "assistant", "content": reply})
@@ -192,10 +226,11 @@ positive_int = _number(int, 1, "a whole number of at least 1")
 non_negative_float = _number(float, 0.0, "0 or more")
 
 def _service_settings(args):
-    from tuneforge.service.settings import ServiceSettings, parse_base_models
+    from tuneforge.service.settings import ServiceSettings, parse_adapters, parse_base_models
 
     return ServiceSettings(data_dir=args.data_dir, database_url=args.database_url,
-                           base_models=parse_base_models(getattr(args, "base_model", None) or []))
+                           base_models=parse_base_models(getattr(args, "base_model", None) or []),
+                           adapters=parse_adapters(getattr(args, "adapter", None) or []))
 
 
 def cmd_serve(args) -> int:
@@ -205,7 +240,10 @@ def cmd_serve(args) -> int:
     settings = settings.model_copy(update={
         "max_upload_bytes": args.max_upload_mb * 2**20, "max_active_jobs_per_org": args.max_jobs_per_org,
         "heartbeat_seconds": args.heartbeat_seconds, "reclaim_after_seconds": args.reclaim_after_seconds,
-        "poll_seconds": args.poll_seconds, "training_threads": args.training_threads})
+        "poll_seconds": args.poll_seconds, "training_threads": args.training_threads, "max_batch": args.max_batch,
+        "max_waiting": args.max_queue, "max_adapters": args.max_adapters,
+        "max_adapter_bytes": args.max_adapter_mb * 2**20, "inference_threads": args.inference_threads,
+        "inference_precision": args.inference_precision})
     return serve(settings, host=args.host, port=args.port, workers=args.workers)
 
 
@@ -252,12 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--prompt-template", help=TEMPLATE_HELP.replace("(default: the run's)", "(default: the spec's)"))
     v.add_argument("--model", help="tokenizer for token counts and chat-template checks ('none' to skip; "
                    "default: the spec's, else smollm2-135m-instruct)")
-    v.add_argument("--max-seq-len", type=int, help="default: the spec's training.max_seq_len, else 512")
+    v.add_argument("--max-seq-len", type=positive_int, help="default: the spec's training.max_seq_len, else 512")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_data_validate)
     g = dsub.add_parser("generate", help="write a shipped dataset (support tickets) as JSONL")
     g.add_argument("dataset", choices=["demo", "chat", "classification", "qa", "translation", "ner", "creative", "text"])
     g.add_argument("--out", required=True, help="folder for train/valid/heldout.jsonl")
+    g.add_argument("--overwrite", action="store_true", help="replace train/valid/heldout.jsonl there if they differ")
     g.set_defaults(func=cmd_data_generate)
 
     p = sub.add_parser("merge", help="merge a run's adapter into its base model")
@@ -313,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=positive_float, default=1.0,
                    help="how often workers look for jobs and for cancel/pause (default 1)")
     p.add_argument("--training-threads", type=positive_int, help="torch threads per training process")
+    p.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
+                   help="serve a CLI-trained run (or merged model) as model NAME to every org (repeatable)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together per model")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests per model (429 beyond)")
+    p.add_argument("--max-adapters", type=positive_int, default=8, help="LoRA adapters kept loaded per base (LRU)")
+    p.add_argument("--max-adapter-mb", type=positive_int, default=2048, help="MB of LoRA adapters kept loaded per base")
+    p.add_argument("--inference-threads", type=positive_int, help="torch threads for inference in the API process")
+    p.add_argument("--inference-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="served weights: fp32 (= tuneforge generate, token for token) or bf16 (faster)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="API keys of the fine-tuning service")
@@ -331,12 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuneforge.errors import TuneforgeError
-
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    """Run one command; return its exit code (see errors.py). User mistakes print one message, never a traceback."""
     try:
+        from tuneforge.errors import TuneforgeError
+    except KeyboardInterrupt:
+        return 130
+    try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
         return args.func(args)
     except TuneforgeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -346,5 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `tuneforge` console script: once the command has finished, a late Ctrl-C must not interrupt the
+    interpreter's own shutdown (it would print 'Exception ignored in atexit callback')."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

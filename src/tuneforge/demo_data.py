@@ -192,25 +192,21 @@ def as_classification(record: dict) -> dict:
 
 
 def write_demo_data(out_dir: str | Path, n_train: int = 160, n_heldout: int = 40, seed: int = 0, *,
-                    n_valid: int = 20, task: str = "chat") -> dict[str, Path]:
+                    n_valid: int = 20, task: str = "chat", overwrite: bool = False) -> dict[str, Path]:
     """Write train.jsonl, valid.jsonl (validation loss) and heldout.jsonl (before/after metric) into `out_dir`.
 
     No ticket text appears in two splits; each split is stratified; the output is deterministic for `seed`.
     `task="classification"` writes the same tickets as {"text", "label": category} records.
     Returns {"train": path, "valid": path, "heldout": path}.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from tuneforge.files import write_jsonl_splits
+
     rng, seen = random.Random(seed), set()
     splits = {"train": _generate(rng, n_train, seen), "valid": _generate(rng, n_valid, seen),
               "heldout": _generate(rng, n_heldout, seen)}
-    paths = {}
-    for name, rows in splits.items():
-        if task == "classification":
-            rows = [as_classification(r) for r in rows]
-        paths[name] = out / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return paths
+    if task == "classification":
+        splits = {name: [as_classification(r) for r in rows] for name, rows in splits.items()}
+    return write_jsonl_splits(out_dir, splits, overwrite=overwrite)
 
 
 def parse_answer(output: str) -> dict | None:

@@ -58,6 +58,8 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_writable_folder(path: Path, field: str) -> None:
     """OutputError unless `path` is (or can be created as) a folder this process can write into."""
+    if path.is_symlink():  # a link may point anywhere, or nowhere: tuneforge writes and deletes real folders only
+        raise OutputError(f"{field}: {path} is a symbolic link; give the real folder it should be")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{field}: {path} exists and is not a folder")
     base = _nearest_existing(path)
@@ -177,3 +179,26 @@ def disk_error(e: BaseException, path: Path) -> OutputError:
         return OutputError(f"the disk is full: could not write {path}{free_text}; free some space and run again")
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     return OutputError(f"could not write {path}: {reason}")
+
+
+def write_jsonl_splits(out_dir: str | os.PathLike, splits: dict[str, list[dict]], *, overwrite: bool = False,
+                       field: str = "--out") -> dict[str, Path]:
+    """Write `{name}.jsonl` per split into `out_dir`. A file already there with other content is someone's
+    data: refused (naming it) unless `overwrite`; the same content is simply kept."""
+    out = expand(out_dir)
+    check_writable_folder(out, field)
+    texts = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) for name, rows in splits.items()}
+    paths = {name: out / f"{name}.jsonl" for name in splits}
+    if not overwrite:
+        clash = [str(p) for name, p in paths.items()
+                 if p.exists() and (not p.is_file() or p.read_bytes() != texts[name].encode("utf-8"))]
+        if clash:
+            raise OutputError(f"{field}: {', '.join(clash)} already exist(s) with other content; choose another "
+                              "folder, or pass --overwrite to replace them")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, out) from None
+    for name, path in paths.items():
+        atomic_write_text(path, texts[name])
+    return paths

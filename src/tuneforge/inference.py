@@ -50,6 +50,10 @@ def load(ref: str | Path, *, task: str | None = None, device: str = "cpu", like:
     """Load a finished run (base + adapter, or full model) or a plain model reference for inference.
     `like`: format prompts as this spec does (its task, labels, prompt and chat templates), so a base
     model is asked exactly what the fine-tuned one was trained on. `prompt_template` overrides both."""
+    from tuneforge.data.validate import TASKS
+
+    if task is not None and task not in TASKS:
+        raise SpecError(f"task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if prompt_template is not None:
         from tuneforge.data.templates import check_template
 
@@ -80,25 +84,38 @@ def _load(ref: str | Path, *, task: str | None, device: str, like: JobSpec | Non
         model = load_model(run / "model", device=device, trust_remote_code=spec.trust_remote_code)
         tokenizer = load_tokenizer(run / "model")
     else:
-        from peft import PeftModel
-
         base_path = resolve_model(spec.model)
         # QLoRA adapters are applied to the full-precision base for inference: same weights the 4-bit
         # base was quantised from, without bitsandbytes' slower CPU kernels.
         base = load_model(base_path, device=device, trust_remote_code=spec.trust_remote_code)
-        model = PeftModel.from_pretrained(base, run / "adapter")
+        model = load_adapter(base, run / "adapter")
         tokenizer = load_tokenizer(run / "adapter")
     return LoadedModel(model.eval(), tokenizer, task or spec.task, spec.method, run, spec.labels,
                        spec.data.prompt_template)
 
 
+def load_adapter(base, folder: Path):
+    """peft's PeftModel over `base`; a missing or damaged adapter is a CheckpointError naming the file."""
+    from peft import PeftModel
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name} is missing: the run's adapter is incomplete")
+    try:
+        return PeftModel.from_pretrained(base, folder)
+    except Exception as e:  # noqa: BLE001 — bad JSON, a config without peft_type, damaged or mismatched weights
+        raise CheckpointError(f"the adapter in {folder} cannot be loaded ({type(e).__name__}: {str(e)[:300]}): "
+                              f"adapter_config.json or adapter_model.safetensors there is damaged, or the adapter "
+                              "was trained on another base model") from None
+
+
 def stop_ids(tokenizer) -> list[int]:
     """eos plus the family's end-of-turn markers, so chat replies stop at the end of the turn."""
     ids = {tokenizer.eos_token_id}
-    vocab = tokenizer.get_vocab()
     for marker in ("<|im_end|>", "<|end|>", "<|eot_id|>", "<|endoftext|>"):
-        if marker in vocab:
-            ids.add(vocab[marker])
+        token_id = tokenizer.convert_tokens_to_ids(marker)  # not get_vocab(): that builds the whole vocabulary
+        if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == marker:  # not unk
+            ids.add(token_id)
     return sorted(i for i in ids if i is not None)
 
 
@@ -117,6 +134,12 @@ def generate(model: LoadedModel | str | Path, prompts: list, *, max_new_tokens: 
     from tuneforge.data.encode import encode_prompt
 
     check_generation_args(max_new_tokens, temperature)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise SpecError(f"prompts: give a list of prompts, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, list, dict)):
+            raise SpecError(f"prompts[{i}]: a prompt is a string, a list of messages or a record, "
+                            f"got {type(p).__name__}")
     loaded = model if isinstance(model, LoadedModel) else load(model)
     tok, net = loaded.tokenizer, loaded.model
     device = next(net.parameters()).device

@@ -19,15 +19,19 @@ from tuneforge.errors import Problem, SpecError
 Task = Literal["chat", "completion", "text", "classification", "qa", "translation", "creative", "ner"]
 Method = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "full"]
 PEFT_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning")
+# Upper bounds far beyond any real run, so an absurd value is a spec error rather than an overflow deep in torch.
+MAX_RANK, MAX_VIRTUAL_TOKENS, MAX_EPOCHS, MAX_STEPS = 4096, 4096, 10_000, 10**9
+MAX_BATCH, MAX_SEQ_LEN = 65_536, 1 << 20
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No infinities or NaNs in any number: `lr: .inf` would train NaN weights, `epochs: .inf` never ends.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
-    train: str = Field(description="Training JSONL file.")
-    validation: str | None = Field(None, description="Validation JSONL file (for eval loss and token accuracy).")
+    train: str = Field(min_length=1, description="Training JSONL file.")
+    validation: str | None = Field(None, min_length=1, description="Validation JSONL file (for eval loss and token accuracy).")
     validation_split: float | None = Field(
         None, gt=0.0, lt=0.5, description="Hold out this fraction of `train` for validation when no file is given."
     )
@@ -72,14 +76,14 @@ class DataSpec(_Strict):
 
 
 class AdapterSpec(_Strict):
-    r: int = Field(16, ge=1, description="LoRA/DoRA rank.")
+    r: int = Field(16, ge=1, le=MAX_RANK, description="LoRA/DoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: str | list[str] = Field(
         "all-linear",
         description="Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names.",
     )
-    num_virtual_tokens: int = Field(20, ge=1, description="Prompt tuning: number of virtual tokens.")
+    num_virtual_tokens: int = Field(20, ge=1, le=MAX_VIRTUAL_TOKENS, description="Prompt tuning: number of virtual tokens.")
     prompt_init_text: str | None = Field(
         None, description="Prompt tuning: initialise the virtual tokens from this text instead of randomly."
     )
@@ -102,10 +106,10 @@ class TrainingSpec(_Strict):
             return {part: v for part in KernelChoice.model_fields}
         return v
 
-    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: float = Field(3, gt=0, le=MAX_EPOCHS, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw: torch's fused AdamW, fp32 state. adamw_8bit: bitsandbytes' AdamW8bit, the two "
@@ -114,8 +118,8 @@ class TrainingSpec(_Strict):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
-    max_seq_len: int = Field(512, ge=8, description="Longest example in tokens (see data.overlong).")
-    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    max_seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN, description="Longest example in tokens (see data.overlong).")
+    seed: int = Field(42, ge=0, le=2**63 - 1, description="Seed for initialisation, data order and dropout.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the hardware has fast bf16, else fp32 (never fp16 on CPU)."
     )
@@ -146,7 +150,7 @@ class TrainingSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    data: str = Field(description="Held-out JSONL (same format as training) for the before/after report.")
+    data: str = Field(min_length=1, description="Held-out JSONL (same format as training) for the before/after report.")
     before_after: bool = Field(True, description="After training, evaluate base and fine-tuned models and write report.md.")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per held-out example.")
     examples: int = Field(5, ge=0, description="Examples shown side by side in the report.")
@@ -155,7 +159,7 @@ class EvalSpec(_Strict):
 class JobSpec(_Strict):
     """A fine-tuning job. The resolved spec is written to `<output_dir>/spec.yaml`."""
 
-    model: str = Field(description="Built-in alias (e.g. smollm2-135m-instruct), local HF folder, .gguf file or hub id.")
+    model: str = Field(min_length=1, description="Built-in alias (e.g. smollm2-135m-instruct), local HF folder, .gguf file or hub id.")
     task: Task = Field("chat", description="chat | completion | text | classification | qa | translation | creative | ner: data format, loss mask, metric.")
     labels: list[str] | None = Field(None, description="classification: the label set (predictions are scored over it).")
     data: DataSpec
@@ -208,6 +212,29 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(current.model_fields)
 
 
+def _duplicate_keys(text: str) -> list[tuple[str, int, int]]:
+    """(dotted key, line, first line) for every key given twice in one mapping (YAML keeps the last)."""
+    found = []
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key, value in node.value:
+                name = key.value
+                if name in seen:
+                    found.append((".".join((*path, str(name))), key.start_mark.line + 1, seen[name]))
+                seen.setdefault(name, key.start_mark.line + 1)
+                walk(value, (*path, str(name)))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return found
+    if root is not None:
+        walk(root, ())
+    return found
+
+
 def _yaml_lines(text: str) -> dict[tuple, int]:
     """Map each key path in a YAML mapping to its 1-based line, so errors can point at the line."""
     lines: dict[tuple, int] = {}
@@ -258,7 +285,8 @@ def _problems(err: ValidationError, source: str, lines: dict[tuple, int], overri
                 loc, msg = tuple(located.group(1).split(".")), located.group(2)
                 dotted = located.group(1)
             elif "input" in e and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
+                shown = repr(e["input"])
+                msg += f" (got {shown if len(shown) <= 80 else shown[:60] + f'... ({len(shown)} characters)'})"
         key = _overridden_by(loc, overridden)
         if key is not None:
             problems.append(Problem("--set " + ".".join(key), None, dotted, msg))
@@ -316,7 +344,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         return parts, None if nullable and raw.strip() in ("", "null", "~") else raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer past Python's 4,300-digit limit
         value = raw
     return parts, value
 
@@ -378,9 +406,14 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise fail(f"not UTF-8 text ({e.reason} at byte {e.start})", "file") from None
     except OSError as e:
         raise fail(f"cannot read the spec file: {e.strerror or e}", "file") from None
+    duplicates = _duplicate_keys(text)
+    if duplicates:
+        problems = [Problem(str(path), line, key, f"given twice (first at line {first}); keep one")
+                    for key, line, first in duplicates]
+        raise SpecError(_format_errors(problems), problems)
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:
         mark = getattr(e, "problem_mark", None)
         raise fail(f"not valid YAML: {getattr(e, 'problem', e)}", "yaml", mark.line + 1 if mark else None) from None
     if raw is None:

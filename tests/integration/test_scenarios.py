@@ -59,7 +59,7 @@ def test_creative_accepts_both_formats_and_reports_diversity(tiny_models, tmp_pa
     spec.update(task="creative", eval={"data": str(train), "max_new_tokens": 8})
     api.train(spec, progress=False)
     tuned = json.loads((tmp_path / "run" / "report.json").read_text())["fine_tuned"]
-    from tuneforge.evaluate.metrics import distinct_n
+    from tuneforge.evaluation.metrics import distinct_n
 
     outputs = [o["output"] for o in tuned["outputs"]]
     assert len(outputs) == len(rows) and tuned["perplexity"] > 1

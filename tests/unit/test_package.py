@@ -41,8 +41,8 @@ def test_imports_flow_one_way():
     layers = [
         {"errors", "files", "hardware"},
         {"spec", "data", "models", "methods", "distributed"},
-        {"training", "inference"},
-        {"evaluate"},
+        {"training", "inference", "serving"},
+        {"evaluation"},
         {"api"},
         {"service"},
         {"cli", "demo", "demo_data", "__init__"},

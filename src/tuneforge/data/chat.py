@@ -246,6 +246,16 @@ def check_chat(rec: dict) -> tuple[Problems, Problems]:
     return errors + record_errors, warnings + message_warnings
 
 
+def check_prompt(messages, tools=None) -> Problems:
+    """Problems of a conversation given to a model to continue (a chat completion request): the checks of
+    training data, less the need for an assistant turn to learn from."""
+    if not isinstance(messages, list) or not messages:
+        return [("messages", "must be a non-empty list of messages")]
+    errors, tool_names = _check_tools(tools) if tools is not None else ([], None)
+    more, _ = _check_messages(messages, tool_names)
+    return errors + [(f, m) for f, m in more if not (f == "messages" and m.startswith("no assistant turn"))]
+
+
 def _check_messages(messages: list, tool_names: list[str] | None) -> tuple[Problems, Problems]:
     errors, warnings = [], []
     trainable = 0

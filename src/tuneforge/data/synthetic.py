@@ -106,7 +106,7 @@ GENERATORS = {"qa": make_qa, "translation": make_translation, "ner": make_ner, "
 
 
 def write_dataset(name: str, out_dir: str | Path, n_train: int = 240, n_heldout: int = 120, n_valid: int = 40,
-                  seed: int = 0) -> dict[str, Path]:
+                  seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Write train/valid/heldout JSONL for scenario `name`; no record appears in two splits.
 
     Generators with few distinct records (a closed lexicon) fill the splits with as many as exist.
@@ -123,10 +123,6 @@ def write_dataset(name: str, out_dir: str | Path, n_train: int = 240, n_heldout:
             rows.append(rec)
     # Held-out first, so it keeps its size when a generator runs short.
     heldout, valid, train = rows[:n_heldout], rows[n_heldout : n_heldout + n_valid], rows[n_heldout + n_valid :]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, data in (("train", train), ("valid", valid), ("heldout", heldout)):
-        paths[split] = out / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
-    return paths
+    from tuneforge.files import write_jsonl_splits
+
+    return write_jsonl_splits(out_dir, {"train": train, "valid": valid, "heldout": heldout}, overwrite=overwrite)

@@ -58,10 +58,14 @@ def check_template(task: str, template: str) -> str | None:
         hint = " (use data.chat_template for chat)" if task == "chat" else ""
         return f"task '{task}' has no prompt template{hint}; prompt_template applies to: {', '.join(TEMPLATE_FIELDS)}"
     allowed = TEMPLATE_FIELDS[task]
-    unknown = [n for n in template_fields(template) if n not in allowed]
+    try:
+        used = template_fields(template)
+    except ValueError as e:
+        return str(e)
+    unknown = [n for n in used if n not in allowed]
     if unknown:
         return f"unknown field(s) {', '.join(unknown)} for task '{task}'; a template may use: {', '.join(allowed)}"
-    if not template_fields(template):
+    if not used:
         return f"the template uses no field of the record; task '{task}' offers: {', '.join(allowed)}"
     return None
 

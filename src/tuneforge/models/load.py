@@ -72,8 +72,9 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ModelError(f"could not read the GGUF file {gguf}: {str(e)[:300]}") from None
+        except Exception as e:  # noqa: BLE001 — struct.error on a cut-short file, gguf's own errors, ...
+            raise ModelError(f"could not read the GGUF file {gguf} ({type(e).__name__}: {str(e)[:300]}); is it a "
+                             "complete GGUF model file?") from None
         # transformers refuses to save a GGUF-loaded model while its quantization config is attached.
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -169,8 +170,12 @@ def load_model(
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"could not load model from {path}: {e}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # missing/mismatched weights, bad config
+        raise ModelError(f"could not load the model in {path} ({type(e).__name__}: {str(e)[:400]})") from None
+    except Exception as e:  # noqa: BLE001 — safetensors' SafetensorError on a damaged weights file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"the weights in {path} are damaged ({e}); restore or re-download them") from None
     if not load_in_4bit:
         model.to(device)
     return model

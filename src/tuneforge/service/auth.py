@@ -6,14 +6,19 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from tuneforge.service.errors import Unauthorized
 from tuneforge.service.storage.store import Store
 
 KEY_PREFIX = "sk-tf-"
+KEY_CACHE_SECONDS = 10.0
 PREFIX_LEN = 12
 ORG_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -54,7 +59,42 @@ def authenticate(store: Store, pepper: bytes, header: str | None) -> Org:
     return Org(row["org_id"], row["org_name"])
 
 
-def current_org(request: Request) -> Org:
-    """FastAPI dependency: the org whose key signed this request (401 otherwise)."""
+# Declares the scheme in the OpenAPI document; the key itself is checked by `authenticate`, with our 401.
+bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
+                    description="An API key from `tuneforge keys create`: `Authorization: Bearer sk-tf-...`")
+
+
+class KeyCache:
+    """Orgs of recently accepted keys, by the key's HMAC (the key itself is never kept), for
+    `KEY_CACHE_SECONDS`: a request whose key was seen in that time needs no database query and no thread.
+    A key deleted from the database therefore keeps working for up to that long; refusals are never cached."""
+
+    def __init__(self, seconds: float = KEY_CACHE_SECONDS, size: int = 4096):
+        self.seconds, self.size = seconds, size
+        self.orgs: dict[str, tuple[Org, float]] = {}
+
+    def get(self, key_digest: str) -> Org | None:
+        hit = self.orgs.get(key_digest)
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+    def put(self, key_digest: str, org: Org) -> None:
+        if len(self.orgs) >= self.size:
+            self.orgs.clear()
+        self.orgs[key_digest] = (org, time.monotonic() + self.seconds)
+
+
+async def current_org(request: Request,
+                      _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> Org:
+    """FastAPI dependency: the org whose key signed this request (401 otherwise). Runs on the event loop;
+    only a key not seen lately is looked up, in the threadpool."""
     state = request.app.state
-    return authenticate(state.store, state.pepper, request.headers.get("authorization"))
+    header = request.headers.get("authorization")
+    cache = getattr(state, "key_cache", None)
+    if cache is None:
+        cache = state.key_cache = KeyCache()
+    presented = digest(state.pepper, header.removeprefix("Bearer ").strip()) if header else None
+    if presented is not None and (org := cache.get(presented)) is not None:
+        return org
+    org = await run_in_threadpool(authenticate, state.store, state.pepper, header)
+    cache.put(presented, org)
+    return org

@@ -5,7 +5,54 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+
+class ErrorObject(BaseModel):
+    message: str = Field(description="What went wrong and what to do about it.")
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error.")
+    param: str | None = Field(description="The request parameter at fault, e.g. training_file, if one is.")
+    code: str | None = Field(description="A machine-readable reason, e.g. file_not_found, when there is one.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorObject
+
+
+ERROR_STATUSES = {
+    400: "Invalid request: a parameter, the body or the object's state is wrong (`param` names what)",
+    401: "Missing or invalid API key",
+    404: "No such object in this organization",
+    409: "Conflict: the object is in use, or a request with this Idempotency-Key is still running",
+    413: "The upload is larger than this server's limit",
+    422: "This Idempotency-Key was already used with a different request",
+    429: "Too busy: too many unfinished jobs in this organization, or too many requests waiting for a model "
+         "(see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """`responses=` for a route: the error statuses it can answer, each with the error envelope."""
+    return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
+
+
+def drop_default_validation_responses(schema: dict) -> dict:
+    """FastAPI documents a 422 `HTTPValidationError` on every route with parameters; this server answers
+    validation problems with 400 in the error envelope instead (see `install_error_handlers`), so that
+    default is removed. Routes that really answer 422 declare it with `error_responses`."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            answer = operation.get("responses", {}).get("422", {})
+            ref = answer.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+            if ref.endswith("/HTTPValidationError"):
+                del operation["responses"]["422"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema
 
 
 class APIError(Exception):
@@ -69,6 +116,17 @@ def _dotted(loc) -> str:
     return ".".join(parts) or "body"
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own 405 names only the first route whose
+    path matched, so `OPTIONS /v1/files/{id}` answered `Allow: GET` though DELETE is served there too."""
+    routes = request.app.router.routes
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+
+
 def install_error_handlers(app) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -91,9 +149,11 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         err = APIError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             err.message = f"Method {request.method} not allowed on {request.url.path}"
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):  # our bug: logged with its traceback

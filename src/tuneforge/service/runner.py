@@ -6,12 +6,19 @@ the run's newest checkpoint when there is one, turns the engine's events into jo
 rows (each deduplicated, so a resumed step is not recorded twice), and stops at the next step boundary
 with a checkpoint on SIGTERM (the worker's cancel, pause or shutdown).
 
+It also checks, about once a second, that its worker still holds the job: a worker that froze (SIGSTOP,
+a stalled machine) may have lost the job to another, and two attempts must never write one run folder,
+so the attempt then exits at once, writing nothing more.
+
 Exit status: 0 trained to the end (result.json written), 3 stopped on request, 1 the job cannot run as
-specified (error.json: code, message, param), 2 an unexpected error (a bug: the traceback is in the log).
+specified (error.json: code, message, param), 2 an unexpected error (a bug: the traceback is in the log),
+4 the job was taken over by another worker.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import sys
 import time
@@ -23,8 +30,9 @@ from tuneforge.service.settings import ServiceSettings
 from tuneforge.service.storage.store import now
 from tuneforge.training.events import RunEvent
 
-EXIT_OK, EXIT_FAILED, EXIT_CRASHED, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_CRASHED, EXIT_STOPPED, EXIT_LOST = 0, 1, 2, 3, 4
 ESTIMATE_EVERY_SECONDS = 2.0
+OWNER_CHECK_SECONDS = 1.0
 
 
 def job_dir(ctx: ServiceContext, job_id: str) -> Path:
@@ -44,8 +52,9 @@ def public_text(text: str, job: dict, spec) -> str:
 class JobEvents:
     """The engine's RunEvents -> job events, checkpoint rows and the job's progress fields."""
 
-    def __init__(self, ctx: ServiceContext, job: dict, model_name: str, spec):
-        self.ctx, self.job, self.model_name, self.spec = ctx, job, model_name, spec
+    def __init__(self, ctx: ServiceContext, job: dict, model_name: str, spec, worker_id: str | None = None):
+        self.ctx, self.job, self.model_name, self.spec, self.worker_id = ctx, job, model_name, spec, worker_id
+        self.last_owner_check = time.time()
         self.metrics: dict[int, dict] = {}
         self.started = time.time()
         self.first_step: int | None = None
@@ -53,6 +62,7 @@ class JobEvents:
 
     def __call__(self, e: RunEvent) -> None:
         job_id = self.job["id"]
+        self._still_ours()
         if e.kind == "started":
             self.ctx.store.update_job(job_id, total_steps=e.total_steps)
             if e.step:
@@ -66,6 +76,16 @@ class JobEvents:
             self._checkpoint(e)
         elif e.kind == "warning":
             add_event(self.ctx, job_id, public_text(e.message, self.job, self.spec), level="warn")
+
+    def _still_ours(self) -> None:
+        if self.worker_id is None or time.time() - self.last_owner_check < OWNER_CHECK_SECONDS:
+            return
+        self.last_owner_check = time.time()
+        row = self.ctx.store.get_job(self.job["id"])
+        if row is None or row["status"] != "running" or row["worker_id"] != self.worker_id:
+            logging.getLogger("tuneforge.service.runner").warning("job %s is no longer held by %s; exiting",
+                                                                  self.job["id"], self.worker_id)
+            os._exit(EXIT_LOST)
 
     def _step(self, e: RunEvent) -> None:
         d = e.data
@@ -104,7 +124,7 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
-def run(job_id: str) -> int:
+def run(job_id: str, worker_id: str | None = None) -> int:
     from tuneforge import api
     from tuneforge.errors import TuneforgeError
     from tuneforge.hardware import resolve_device
@@ -132,7 +152,7 @@ def run(job_id: str) -> int:
         if spec.method == "qlora" and resolve_device(spec.device).type == "cpu":
             return_big_buffers_to_os()  # process-wide: this process is this job's alone
         org = ctx.store.get_org(job["org_id"])
-        events = JobEvents(ctx, job, ft_model_name(job["model"], org["name"], job["suffix"], job_id), spec)
+        events = JobEvents(ctx, job, ft_model_name(job["model"], org["name"], job["suffix"], job_id), spec, worker_id)
         resume = latest_checkpoint(Path(spec.output_dir)) is not None
         summary = api.train(spec, resume=resume, on_event=events, stop=stop, progress=False)
     except TuneforgeError as e:
@@ -146,14 +166,13 @@ def run(job_id: str) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print("usage: python -m tuneforge.service.runner JOB_ID", file=sys.stderr)
+    if len(sys.argv) not in (2, 3):
+        print("usage: python -m tuneforge.service.runner JOB_ID [WORKER_ID]", file=sys.stderr)
         return 2
-    import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return run(sys.argv[1])
+        return run(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None)
     except Exception:
         logging.getLogger("tuneforge.service.runner").exception("training attempt crashed")
         return EXIT_CRASHED

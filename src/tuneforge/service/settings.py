@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +35,16 @@ class ServiceSettings(BaseModel):
                               "the job fails (an attempt that wrote a new checkpoint does not count).")
     training_threads: int | None = Field(None, ge=1, description="torch threads per training subprocess "
                                          "(default: torch's own choice).")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Served model name -> run folder (or merged "
+                                     "model folder) trained with the CLI; every org's key may use them.")
+    max_batch: int = Field(16, ge=1, description="Sequences decoded together per loaded model.")
+    max_waiting: int = Field(64, ge=1, description="Requests waiting per loaded model; beyond it 429.")
+    max_adapters: int = Field(8, ge=1, description="LoRA adapters loaded per base model (LRU beyond).")
+    max_adapter_bytes: int = Field(2 * 2**30, ge=1, description="Bytes of LoRA adapters loaded per base model.")
+    inference_threads: int | None = Field(None, ge=1, description="torch threads of the API process (inference).")
+    inference_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Weights of served models: fp32 (what `tuneforge generate` computes, token for token) "
+        "or bf16 (faster, most on CPUs with AVX512-BF16/AMX; greedy output may differ at near-ties).")
     default_save_every: int = Field(10, ge=1, description="training.save_every for service jobs that do not set "
                                     "it: how many steps a crash, cancel or pause can cost at most.")
 
@@ -71,6 +82,20 @@ class ServiceSettings(BaseModel):
         if not raw:
             raise SpecError(f"{ENV_VAR} is not set: start the service with `tuneforge serve`")
         return cls.model_validate(json.loads(raw))
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    """`--adapter NAME=RUN_DIR` (repeatable) -> {NAME: RUN_DIR} (checked when first asked for)."""
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise SpecError(f"--adapter {item!r}: expected NAME=FOLDER (a finished run, a merged model or a peft "
+                            "adapter folder)")
+        if not Path(folder.strip()).is_dir():
+            raise SpecError(f"--adapter {item!r}: {folder.strip()} is not a folder")
+        out[name.strip()] = str(Path(folder.strip()).resolve())
+    return out
 
 
 def parse_base_models(items: list[str]) -> dict[str, str]:

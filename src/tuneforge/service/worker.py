@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from tuneforge.service.context import ServiceContext
-from tuneforge.service.jobs.service import add_event, ft_model_name, validate_files
+from tuneforge.service.jobs.service import add_event, event, ft_model_name, validate_files
 from tuneforge.service.runner import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, job_dir
 from tuneforge.service.settings import ServiceSettings
 from tuneforge.service.storage.store import now
@@ -39,13 +39,21 @@ ERROR_CODES = {"DataError": ("invalid_training_file", "training_file"), "SpecErr
                "ModelError": ("model_error", "model"), "OutputError": ("storage_error", None)}
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the kernel sends SIGKILL to this child when its parent dies (Linux), so no training
-    outlives the worker that holds its job."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+def die_with_parent(parent: int | None = None):
+    """A preexec_fn: the kernel sends SIGKILL to this child when its parent dies (Linux), so no training
+    outlives the worker that holds its job. Call it in the parent (`preexec_fn=die_with_parent()`): the
+    child then also exits at once if the parent died before the request was registered."""
+    parent = parent or os.getpid()
+
+    def preexec() -> None:
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def results_csv(run: Path) -> bytes:
@@ -89,18 +97,19 @@ class Worker:
             if job["requested"] in ("cancel", "pause"):
                 target = "cancelled" if job["requested"] == "cancel" else "paused"
                 extra = {"finished_at": now()} if target == "cancelled" else {}
-                if self.ctx.store.reclaim(job["id"], cutoff, target, requested=None, estimated_finish=None, **extra):
-                    add_event(self.ctx, job["id"], f"Job {target} (its worker stopped responding at step {step})",
-                              dedup=f"reclaim:{job['heartbeat_at']}")
+                self.ctx.store.reclaim(job["id"], cutoff, target, requested=None, estimated_finish=None, **extra,
+                                       event=event(job["id"], f"Job {target} (its worker stopped responding at step "
+                                                   f"{step})", dedup=f"reclaim:{job['heartbeat_at']}"))
             elif job["attempts"] + 1 >= self.s.max_attempts:
                 error = {"code": "training_crashed", "param": None,
                          "message": f"training stopped responding {job['attempts'] + 1} times without progress"}
-                if self.ctx.store.reclaim(job["id"], cutoff, "failed", error=error, finished_at=now()):
-                    add_event(self.ctx, job["id"], error["message"], level="error", dedup="failed")
-            elif self.ctx.store.reclaim(job["id"], cutoff, "queued", attempts=job["attempts"] + 1,
-                                        estimated_finish=None):
-                add_event(self.ctx, job["id"], f"Worker stopped responding; job requeued to resume from step {step}",
-                          level="warn", dedup=f"reclaim:{job['heartbeat_at']}")
+                self.ctx.store.reclaim(job["id"], cutoff, "failed", error=error, finished_at=now(),
+                                       event=event(job["id"], error["message"], level="error", dedup="failed"))
+            else:
+                self.ctx.store.reclaim(job["id"], cutoff, "queued", attempts=job["attempts"] + 1, estimated_finish=None,
+                                       event=event(job["id"], "Worker stopped responding; job requeued to resume "
+                                                   f"from step {step}", level="warn",
+                                                   dedup=f"reclaim:{job['heartbeat_at']}"))
         for job in self.ctx.store.stale_validating_jobs(now() - VALIDATION_GRACE_SECONDS):
             validate_files(self.ctx, job["id"])
 
@@ -115,8 +124,8 @@ class Worker:
                   dedup=f"attempt:{attempt}:{self.id}")
         env = {**os.environ, **self.s.to_env()}
         with open(folder / f"attempt-{attempt}.log", "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "tuneforge.service.runner", job_id], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            proc = subprocess.Popen([sys.executable, "-m", "tuneforge.service.runner", job_id, self.id], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
         requested = None
         last_beat = time.time()
         while True:
@@ -152,13 +161,13 @@ class Worker:
         elif code == EXIT_STOPPED and requested in ("cancel", "pause"):
             target = "cancelled" if requested == "cancel" else "paused"
             extra = {"finished_at": now()} if target == "cancelled" else {}
-            if store.finish_attempt(job_id, self.id, target, requested=None, estimated_finish=None, **extra):
-                add_event(self.ctx, job_id, f"Job {target} at step {row['step']}",
-                          dedup="cancelled" if target == "cancelled" else f"paused:{row['step']}:{int(time.time())}")
+            dedup = "cancelled" if target == "cancelled" else f"paused:{row['step']}:{int(time.time())}"
+            store.finish_attempt(job_id, self.id, target, requested=None, estimated_finish=None, **extra,
+                                 event=event(job_id, f"Job {target} at step {row['step']}", dedup=dedup))
         elif code == EXIT_STOPPED:  # this worker is shutting down: another (or the next start) resumes it
-            if store.finish_attempt(job_id, self.id, "queued", estimated_finish=None):
-                add_event(self.ctx, job_id, f"Worker shutting down; job requeued at step {row['step']}",
-                          dedup=f"requeued:{row['step']}:{int(time.time())}")
+            store.finish_attempt(job_id, self.id, "queued", estimated_finish=None,
+                                 event=event(job_id, f"Worker shutting down; job requeued at step {row['step']}",
+                                             dedup=f"requeued:{row['step']}:{int(time.time())}"))
         elif code == EXIT_FAILED:
             self._failed(job_id, folder)
         else:  # killed or crashed: retry unless it keeps failing without progress
@@ -166,13 +175,14 @@ class Worker:
             if attempts >= self.s.max_attempts:
                 error = {"code": "training_crashed", "param": None,
                          "message": f"the training process ended unexpectedly {attempts} times without progress "
-                                    f"(last exit status {code}); see {folder}"}
-                if store.finish_attempt(job_id, self.id, "failed", error=error, finished_at=now(), attempts=attempts):
-                    add_event(self.ctx, job_id, error["message"], level="error", dedup="failed")
-            elif store.finish_attempt(job_id, self.id, "queued", attempts=attempts, estimated_finish=None):
-                add_event(self.ctx, job_id, f"Training process ended unexpectedly (exit status {code}); "
-                          f"the job will resume from step {row['step']}", level="warn",
-                          dedup=f"crash:{row['step']}:{attempts}:{int(time.time())}")
+                                    f"(last exit status {code}; its logs are in the job's folder on the server)"}
+                store.finish_attempt(job_id, self.id, "failed", error=error, finished_at=now(), attempts=attempts,
+                                     event=event(job_id, error["message"], level="error", dedup="failed"))
+            else:
+                store.finish_attempt(job_id, self.id, "queued", attempts=attempts, estimated_finish=None,
+                                     event=event(job_id, f"Training process ended unexpectedly (exit status {code}); "
+                                                 f"the job will resume from step {row['step']}", level="warn",
+                                                 dedup=f"crash:{row['step']}:{attempts}:{int(time.time())}"))
 
     def _succeeded(self, job: dict, folder: Path) -> None:
         from tuneforge.service.files.service import add_result_file
@@ -186,10 +196,10 @@ class Worker:
         store.insert_model({"id": name, "org_id": job["org_id"], "job_id": job_id, "base": job["model"],
                             "created_at": now()})
         add_event(self.ctx, job_id, f"New fine-tuned model created: {name}", dedup="model-created")
-        if store.finish_attempt(job_id, self.id, "succeeded", fine_tuned_model=name, finished_at=now(),
-                                trained_tokens=summary["tokens_seen"], result_files=[results], estimated_finish=None,
-                                requested=None, step=summary["steps"]):
-            add_event(self.ctx, job_id, "The job has successfully completed", dedup="succeeded")
+        store.finish_attempt(job_id, self.id, "succeeded", fine_tuned_model=name, finished_at=now(),
+                             trained_tokens=summary["tokens_seen"], result_files=[results], estimated_finish=None,
+                             requested=None, step=summary["steps"],
+                             event=event(job_id, "The job has successfully completed", dedup="succeeded"))
 
     def _failed(self, job_id: str, folder: Path) -> None:
         try:
@@ -198,8 +208,8 @@ class Worker:
             err = {"code": "Error", "message": "training failed (no error report)", "problems": []}
         code, param = ERROR_CODES.get(err["code"], ("training_failed", None))
         error = {"code": code, "param": param, "message": err["message"]}
-        if self.ctx.store.finish_attempt(job_id, self.id, "failed", error=error, finished_at=now(), estimated_finish=None):
-            add_event(self.ctx, job_id, err["message"], level="error", dedup="failed")
+        self.ctx.store.finish_attempt(job_id, self.id, "failed", error=error, finished_at=now(), estimated_finish=None,
+                                      event=event(job_id, err["message"], level="error", dedup="failed"))
 
 
 def main() -> int:

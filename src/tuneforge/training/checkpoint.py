@@ -83,7 +83,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     os.rename(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep]:
-        files.remove_owned(old)
+        doomed = root / f".tmp-delete-{old.name}"
+        os.rename(old, doomed)  # atomic: a crash mid-delete leaves a temporary, never a half `step-*`
+        files.remove_owned(doomed)
+    # What crashes left: temporaries (a cut-short save or delete), and folders without their state.json.
+    for leftover in [*root.glob(".tmp-*"), *(p for p in root.glob("step-*") if not (p / STATE_FILE).is_file())]:
+        files.remove_owned(leftover)
     return final
 
 

@@ -198,7 +198,7 @@ def test_chat_prompt_record_with_tools_renders_them():
 
 
 def test_evaluation_reference_is_the_text_of_the_last_reply():
-    from tuneforge.evaluate.runner import prompt_and_reference
+    from tuneforge.evaluation.runner import prompt_and_reference
 
     prompt, reference = prompt_and_reference("chat", TOOL_CONVO)
     assert reference == "It is 21 C in Paris."

@@ -45,7 +45,7 @@ def test_overlap_reported_at_file_line_and_field(tmp_path):
 
 def test_bio_to_spans_lives_in_data_and_metrics_reexports_it():
     from tuneforge.data.ner import bio_to_spans
-    from tuneforge.evaluate import metrics
+    from tuneforge.evaluation import metrics
 
     assert metrics.bio_to_spans is bio_to_spans and "bio_to_spans" in metrics.__all__
     assert text_and_spans({"tokens": ["Ann", "met", "Bo", "Li"], "tags": ["B-PER", "O", "B-PER", "I-PER"]}) == (
@@ -59,5 +59,5 @@ def test_data_never_imports_evaluate():
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.startswith("tuneforge.evaluate")]
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.startswith("tuneforge.evaluation")]
     assert offenders == []

@@ -14,7 +14,7 @@ from tuneforge.service.context import ServiceContext
 from tuneforge.service.errors import Conflict, InvalidRequest, NotFound, TooLarge
 from tuneforge.service.files.protocol import FileDeleted, FileList, FileObject, file_object
 from tuneforge.service.idempotency import idempotent
-from tuneforge.service.storage.store import now
+from tuneforge.service.storage.store import now, storable_text
 
 CHUNK = 1 << 20
 MAX_FILENAME = 512
@@ -63,7 +63,7 @@ def upload(ctx: ServiceContext, org: Org, *, filename: str, purpose: str, source
                                    param="file", code="file_too_large")
                 sha.update(chunk)
                 out.write(chunk)
-        shown_name = (filename or "upload.jsonl")[:MAX_FILENAME]
+        shown_name = storable_text(filename or "upload.jsonl")[:MAX_FILENAME]
         request_hash = hashlib.sha256(f"{purpose}\0{shown_name}\0{sha.hexdigest()}".encode()).hexdigest()
 
         def store_it():

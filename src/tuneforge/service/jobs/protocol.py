@@ -3,6 +3,7 @@ of `status`, `organization_id` or `trained_tokens` is a 400), answers as the ope
 `FineTuningJobEvent` and `FineTuningJobCheckpoint` define them."""
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -60,8 +61,22 @@ class JobCreate(_Request):
     @field_validator("suffix")
     @classmethod
     def _suffix(cls, v: str | None) -> str | None:
-        if v is not None and (":" in v or not v.strip()):
-            raise ValueError("a non-empty string without ':' (it becomes part of the model name)")
+        if v is not None and (":" in v or "\x00" in v or not v.strip()):
+            raise ValueError("a non-empty string without ':' or NUL (it becomes part of the model name)")
+        return v
+
+    @field_validator("tuneforge")
+    @classmethod
+    def _finite(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Python's JSON parser takes NaN and Infinity, which JSON does not have; a spec holding one could
+        # be neither stored (PostgreSQL's json type refuses it) nor answered (JSON responses refuse it).
+        def walk(value, path: str) -> None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{path}: {value} is not a JSON number; use a finite number")
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            for key, item in items:
+                walk(item, f"{path}.{key}")
+        walk(v, "tuneforge")
         return v
 
 

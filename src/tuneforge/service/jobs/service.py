@@ -34,13 +34,18 @@ def ft_model_name(base: str, org_name: str, suffix: str | None, job_id: str) -> 
     return f"ft:{base}:{org_name}:{suffix or ''}:{job_id.split('-', 1)[1][:8]}"
 
 
-def add_event(ctx: ServiceContext, job_id: str, message: str, *, level: str = "info", type: str = "message",
-              data: dict | None = None, dedup: str | None = None) -> bool:
-    """Record a job event once: a second event with the same `dedup` (a resumed step, a retried
-    transition) is dropped."""
-    return ctx.store.add_event({"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level,
-                                "message": message, "type": type, "data": data,
-                                "dedup": dedup or hashlib.sha256(f"{type}\0{message}".encode()).hexdigest()[:40]})
+def event(job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None,
+          dedup: str | None = None) -> dict:
+    """A job event row. `dedup` makes it unique per job: a second one (a resumed step, a retried transition)
+    is dropped."""
+    return {"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level, "message": message,
+            "type": type, "data": data,
+            "dedup": dedup or hashlib.sha256(f"{type}\0{message}".encode()).hexdigest()[:40]}
+
+
+def add_event(ctx: ServiceContext, job_id: str, message: str, **kw) -> bool:
+    """Record a job event once (see `event`)."""
+    return ctx.store.add_event(event(job_id, message, **kw))
 
 
 # ---------------------------------------------------------------- create
@@ -213,11 +218,11 @@ def validate_files(ctx: ServiceContext, job_id: str) -> str:
                                 f"{MIN_EXAMPLES} are needed"}
             break
     if error:
-        if ctx.store.set_status(job_id, ("validating_files",), "failed", error=error, finished_at=now()):
-            add_event(ctx, job_id, error["message"], level="error", dedup="failed")
+        ctx.store.set_status(job_id, ("validating_files",), "failed", error=error, finished_at=now(),
+                             event=event(job_id, error["message"], level="error", dedup="failed"))
         return "failed"
-    if ctx.store.set_status(job_id, ("validating_files",), "queued"):
-        add_event(ctx, job_id, "Files validated, moving job to queued state", dedup="queued")
+    ctx.store.set_status(job_id, ("validating_files",), "queued",
+                         event=event(job_id, "Files validated, moving job to queued state", dedup="queued"))
     return "queued"
 
 
@@ -243,25 +248,22 @@ def control(ctx: ServiceContext, org: Org, job_id: str, what: str) -> Job:
     with a checkpoint (within seconds) and its worker records the new status."""
     before = get(ctx, org, job_id)
     if what == "resume":
-        status = ctx.store.resume_job(org.id, job_id)
+        status = ctx.store.resume_job(org.id, job_id, event(job_id, "Job resumed: queued to continue from its last "
+                                                                     "checkpoint", dedup=f"resume:{secrets.token_hex(4)}"))
         if status != "queued":
             raise InvalidRequest(f"job {job_id} is {before.status}; only a paused job can be resumed",
                                  param="fine_tuning_job_id", code="invalid_job_state")
-        add_event(ctx, job_id, "Job resumed: queued to continue from its last checkpoint",
-                  dedup=f"resume:{secrets.token_hex(4)}")
         return get(ctx, org, job_id)
     if before.status in ("succeeded", "failed", "cancelled"):
         raise InvalidRequest(f"job {job_id} already {before.status}; it cannot be {what}ed",
                              param="fine_tuning_job_id", code="invalid_job_state")
     if what == "pause" and before.status == "paused":
         return before
-    status = ctx.store.request_stop(org.id, job_id, what)
-    if status in ("cancelled", "paused"):
-        add_event(ctx, job_id, "Job cancelled" if status == "cancelled" else "Job paused", dedup=status
-                  if status == "cancelled" else f"paused:{secrets.token_hex(4)}")
-    elif status == "running":
-        add_event(ctx, job_id, f"{what.capitalize()} requested: stopping at the next step with a checkpoint",
-                  dedup=f"{what}-requested:{secrets.token_hex(4)}")
+    ctx.store.request_stop(org.id, job_id, what, events={
+        "cancelled": event(job_id, "Job cancelled", dedup="cancelled"),
+        "paused": event(job_id, "Job paused", dedup=f"paused:{secrets.token_hex(4)}"),
+        "running": event(job_id, f"{what.capitalize()} requested: stopping at the next step with a checkpoint",
+                         dedup=f"{what}-requested:{secrets.token_hex(4)}")})
     return get(ctx, org, job_id)
 
 

@@ -15,13 +15,13 @@ def _base(ctx: ServiceContext, name: str) -> Model:
 
 
 def list_models(ctx: ServiceContext, org: Org) -> ModelList:
-    data = [_base(ctx, name) for name in ctx.settings.base_models]
+    data = [_base(ctx, name) for name in (*ctx.settings.base_models, *ctx.settings.adapters)]
     data += [Model(id=r["id"], created=r["created_at"], owned_by=org.name) for r in ctx.store.list_models(org.id)]
     return ModelList(data=data)
 
 
 def get(ctx: ServiceContext, org: Org, model_id: str) -> Model:
-    if model_id in ctx.settings.base_models:
+    if model_id in ctx.settings.base_models or model_id in ctx.settings.adapters:
         return _base(ctx, model_id)
     row = ctx.store.get_model(model_id, org.id)
     if row is not None:
@@ -33,8 +33,9 @@ def get(ctx: ServiceContext, org: Org, model_id: str) -> Model:
 
 
 def delete(ctx: ServiceContext, org: Org, model_id: str) -> ModelDeleted:
-    if model_id in ctx.settings.base_models:
-        raise InvalidRequest(f"model {model_id} is a base model of this server; only fine-tuned models can be deleted",
+    if model_id in ctx.settings.base_models or model_id in ctx.settings.adapters:
+        raise InvalidRequest(f"model {model_id} is served by this server's operator; only your fine-tuned models "
+                             "can be deleted",
                              param="model", code="cannot_delete_base_model")
     row = ctx.store.get_model(model_id, org.id)
     if row is None:

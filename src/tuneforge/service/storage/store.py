@@ -25,8 +25,30 @@ def now() -> int:
     return int(time.time())
 
 
+# PostgreSQL text cannot hold NUL (psycopg refuses the query), SQLite can. Clients can send it anywhere (a path
+# parameter `file-a%00`, a cursor, a role name quoted in a validation message), so the Store makes both
+# databases behave alike: a lookup by a value with NUL finds nothing, and free text is stored with it replaced.
+NUL = "\x00"
+
+
+def _findable(*values: str | None) -> bool:
+    """False when a key cannot name a stored row: no id, name or cursor this service issues holds NUL."""
+    return not any(value is not None and NUL in value for value in values)
+
+
+def storable_text(text: str) -> str:
+    """Free text (a file name, an event message) as both databases store it."""
+    return text.replace(NUL, "\ufffd")
+
+
+# Connections kept open per engine: as many as the API's threadpool uses at once. Beyond `pool_size` every
+# checkout opens and closes a connection (on SQLite re-running the PRAGMAs below), which under 16 concurrent
+# readers cost more CPU than the queries themselves.
+POOL = {"pool_size": 20, "max_overflow": 20}
+
+
 def _sqlite_engine(url: str, immediate: bool) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **POOL)
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection, _record):
@@ -38,9 +60,12 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def on_begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    if immediate:  # the writer: every transaction takes the write lock at once, so writers queue, never deadlock
+        @event.listens_for(engine, "begin")
+        def on_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # The reader issues no BEGIN: each of its statements runs on its own snapshot (every `read()` block is one
+    # statement), and a BEGIN + ROLLBACK around each one doubled the work of a read.
 
     return engine
 
@@ -55,7 +80,7 @@ class Store:
             self.reader = _sqlite_engine(url, immediate=False)
         else:
             url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
-            self.writer = self.reader = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            self.writer = self.reader = create_engine(url, pool_pre_ping=True, **POOL)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -121,14 +146,16 @@ class Store:
 
     def insert_file(self, row: dict) -> None:
         with self.write() as c:
-            c.execute(insert(files).values(**row))
+            c.execute(insert(files).values(**{**row, "filename": storable_text(row["filename"])}))
 
     def insert_file_once(self, row: dict) -> bool:
         """Insert unless a file with this id exists (a result file written again after a crash)."""
         with self.write() as c:
-            return c.execute(self._insert_ignore(files).values(**row)).rowcount == 1
+            return c.execute(self._insert_ignore(files).values(**row).returning(files.c.id)).first() is not None
 
     def get_file(self, org_id: str, file_id: str) -> dict | None:
+        if not _findable(file_id):
+            return None
         with self.read() as c:
             row = c.execute(select(files).where(files.c.id == file_id, files.c.org_id == org_id)).mappings().first()
             return dict(row) if row else None
@@ -136,6 +163,8 @@ class Store:
     def list_files(self, org_id: str, *, purpose: str | None, limit: int, order: str, after: str | None):
         q = select(files).where(files.c.org_id == org_id)
         if purpose:
+            if not _findable(purpose):
+                return [], False
             q = q.where(files.c.purpose == purpose)
         return self._page(files, q, limit, order, after, org_id)
 
@@ -157,6 +186,8 @@ class Store:
             c.execute(insert(jobs).values(**row))
 
     def get_job(self, job_id: str, org_id: str | None = None) -> dict | None:
+        if not _findable(job_id):
+            return None
         q = select(jobs).where(jobs.c.id == job_id)
         if org_id is not None:
             q = q.where(jobs.c.org_id == org_id)
@@ -178,16 +209,20 @@ class Store:
             return c.execute(select(func.count()).select_from(jobs).where(
                 jobs.c.org_id == org_id, jobs.c.status.in_(("validating_files", "queued", "running")))).scalar_one()
 
-    def set_status(self, job_id: str, from_status: tuple[str, ...], to_status: str, **fields) -> bool:
-        """Compare-and-swap a job's status; True if this call made the change."""
+    def set_status(self, job_id: str, from_status: tuple[str, ...], to_status: str, event: dict | None = None,
+                   **fields) -> bool:
+        """Compare-and-swap a job's status; True if this call made the change. `event` is recorded in the same
+        transaction, so a client never sees the new status without the event that explains it."""
         with self.write() as c:
-            return c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(from_status))
+            done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(from_status))
                              .values(status=to_status, **fields)).rowcount == 1
+            return self._with_event(c, done, event)
 
-    def request_stop(self, org_id: str, job_id: str, what: str) -> str | None:
-        """Cancel or pause: a queued job changes at once, a running one is marked for its worker.
-        Returns the job's status afterwards (None: no such job)."""
+    def request_stop(self, org_id: str, job_id: str, what: str, events: dict[str, dict] | None = None) -> str | None:
+        """Cancel or pause: a queued job changes at once, a running one is marked for its worker. Returns the
+        job's status afterwards (None: no such job); `events[status]` is recorded with the change."""
         target = "cancelled" if what == "cancel" else "paused"
+        events = events or {}
         with self.write() as c:
             row = c.execute(select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.org_id == org_id)).first()
             if row is None:
@@ -197,22 +232,25 @@ class Store:
                 values = {"status": target, "requested": None, "estimated_finish": None}
                 if target == "cancelled":
                     values["finished_at"] = now()
-                c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == status).values(**values))
+                done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == status).values(**values))
+                self._with_event(c, done.rowcount == 1, events.get(target))
                 return target
             if status == "running":
-                c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running",
-                                             or_(jobs.c.requested.is_(None), jobs.c.requested == "pause"))
-                          .values(requested=what))
+                done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running",
+                                                    or_(jobs.c.requested.is_(None), jobs.c.requested == "pause"))
+                                 .values(requested=what))
+                self._with_event(c, done.rowcount == 1, events.get("running"))
             return status
 
-    def resume_job(self, org_id: str, job_id: str) -> str | None:
+    def resume_job(self, org_id: str, job_id: str, event: dict | None = None) -> str | None:
         with self.write() as c:
             row = c.execute(select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.org_id == org_id)).first()
             if row is None:
                 return None
             if row[0] == "paused":
-                c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "paused")
-                          .values(status="queued", requested=None, attempts=0))
+                done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "paused")
+                                 .values(status="queued", requested=None, attempts=0))
+                self._with_event(c, done.rowcount == 1, event)
                 return "queued"
             return row[0]
 
@@ -243,12 +281,14 @@ class Store:
                 return None
             return dict(c.execute(select(jobs.c.status, jobs.c.requested).where(jobs.c.id == job_id)).mappings().one())
 
-    def finish_attempt(self, job_id: str, worker_id: str, to_status: str, **fields) -> bool:
-        """The worker's last word on its attempt: CAS running (held by this worker) -> to_status."""
+    def finish_attempt(self, job_id: str, worker_id: str, to_status: str, event: dict | None = None,
+                       **fields) -> bool:
+        """The worker's last word on its attempt: CAS running (held by this worker) -> to_status, with its event."""
         with self.write() as c:
-            return c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.worker_id == worker_id,
+            done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.worker_id == worker_id,
                                                 jobs.c.status == "running")
                              .values(status=to_status, worker_id=None, **fields)).rowcount == 1
+            return self._with_event(c, done, event)
 
     def stale_running_jobs(self, older_than: float) -> list[dict]:
         with self.read() as c:
@@ -256,12 +296,19 @@ class Store:
                 jobs.c.status == "running", or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < older_than)))
                 .mappings()]
 
-    def reclaim(self, job_id: str, heartbeat_before: float, to_status: str, **fields) -> bool:
+    def reclaim(self, job_id: str, heartbeat_before: float, to_status: str, event: dict | None = None,
+                **fields) -> bool:
         """CAS a job whose worker went silent back to `to_status` (queued, or cancelled/paused if asked)."""
         with self.write() as c:
-            return c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running",
+            done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running",
                                                 or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < heartbeat_before))
                              .values(status=to_status, worker_id=None, **fields)).rowcount == 1
+            return self._with_event(c, done, event)
+
+    def _with_event(self, c, done: bool, event: dict | None) -> bool:
+        if done and event is not None:
+            c.execute(self._insert_ignore(job_events).values(**{**event, "message": storable_text(event["message"])}))
+        return done
 
     def stale_validating_jobs(self, created_before: int) -> list[dict]:
         with self.read() as c:
@@ -276,8 +323,10 @@ class Store:
 
     def add_event(self, row: dict) -> bool:
         """Insert an event unless one with the same (job, dedup) exists; True if inserted."""
+        row = {**row, "message": storable_text(row["message"])}
         with self.write() as c:
-            return c.execute(self._insert_ignore(job_events).values(**row)).rowcount == 1
+            # RETURNING, not rowcount: psycopg reports -1 rows for INSERT ... ON CONFLICT DO NOTHING
+            return c.execute(self._insert_ignore(job_events).values(**row).returning(job_events.c.id)).first() is not None
 
     def list_events(self, job_id: str, *, limit: int, after: str | None):
         return self._page(job_events, select(job_events).where(job_events.c.job_id == job_id), limit, "desc", after,
@@ -306,6 +355,8 @@ class Store:
                           None, scope=checkpoints.c.job_id == job_id)
 
     def get_checkpoint_by_model(self, model_name: str, org_id: str) -> dict | None:
+        if not _findable(model_name):
+            return None
         with self.read() as c:
             row = c.execute(select(checkpoints).where(checkpoints.c.model_name == model_name,
                                                       checkpoints.c.org_id == org_id)).mappings().first()
@@ -318,6 +369,8 @@ class Store:
             c.execute(self._insert_ignore(models).values(**row))
 
     def get_model(self, model_id: str, org_id: str) -> dict | None:
+        if not _findable(model_id):
+            return None
         with self.read() as c:
             row = c.execute(select(models).where(models.c.id == model_id, models.c.org_id == org_id)).mappings().first()
             return dict(row) if row else None
@@ -368,6 +421,8 @@ class Store:
     def _page(self, table, query, limit: int, order: str, after: str | None, org_id: str | None, scope=None):
         """(rows, has_more) after the object `after` (by seq), newest first for order=desc."""
         if after:
+            if not _findable(after):
+                return None, False
             cond = table.c.id == after
             if org_id is not None and "org_id" in table.c:
                 cond = and_(cond, table.c.org_id == org_id)
@@ -384,4 +439,4 @@ class Store:
         return rows[:limit], len(rows) > limit
 
 
-__all__ = ["Store", "ACTIVE", "TERMINAL", "metadata", "now"]
+__all__ = ["Store", "ACTIVE", "TERMINAL", "metadata", "now", "storable_text"]

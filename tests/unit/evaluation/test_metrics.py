@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tuneforge.evaluate.metrics import (
+from tuneforge.evaluation.metrics import (
     accuracy,
     bio_to_spans,
     bleu,

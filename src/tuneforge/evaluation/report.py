@@ -41,7 +41,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
                  examples: int = 5, generate_n: int | None = None, progress: bool = True) -> Path:
     from tuneforge.data.validate import validate_jsonl
     from tuneforge.inference import load, require_finished_run
-    from tuneforge.evaluate.runner import evaluate_records
+    from tuneforge.evaluation.runner import evaluate_records
     from tuneforge.spec import load_spec
 
     run = Path(run_dir)

@@ -13,7 +13,7 @@ from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import SpecError
 from tuneforge.hardware import cpu_has_fast_bf16
 from tuneforge.training.loss import dataset_loss
-from tuneforge.evaluate.metrics import (accuracy, bleu, chrf, distinct_n, entity_prf, exact_match, macro_f1, perplexity,
+from tuneforge.evaluation.metrics import (accuracy, bleu, chrf, distinct_n, entity_prf, exact_match, macro_f1, perplexity,
                                         rule_checks, squad_scores, token_f1)
 
 
@@ -74,6 +74,11 @@ def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int
     autocast = torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     scores = dataset_loss(model, data, batch_size, tok.pad_token_id, device, autocast)
     n_targets = sum(e.num_targets for e in data.examples)
+    if n_targets == 0:
+        from tuneforge.errors import DataError
+
+        raise DataError(f"{source or 'the held-out data'}: no answer tokens left to score at max_seq_len={max_seq_len} "
+                        f"({data.dropped} of {len(records)} examples dropped); raise --max-seq-len")
     result = {"examples": len(records), "target_tokens": n_targets, "loss": scores["eval_loss"],
               "perplexity": perplexity(scores["eval_loss"] * n_targets, n_targets),
               "token_accuracy": scores["eval_token_accuracy"]}
@@ -129,6 +134,10 @@ def evaluate_file(model_ref: str | Path, data: str | Path, task: str | None = No
     checked before the model loads (with the run's task and labels when `model_ref` is a run)."""
     from tuneforge.inference import is_run_dir, load, require_finished_run
     from tuneforge.spec import load_spec
+
+    for name in ("max_seq_len", "max_new_tokens", "batch_size"):
+        if name in kw and not (isinstance(kw[name], int) and kw[name] >= 1):
+            raise SpecError(f"{name}: must be a whole number of at least 1, got {kw[name]!r}")
 
     run_spec = None
     if is_run_dir(model_ref):

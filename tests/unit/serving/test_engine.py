@@ -1,0 +1,214 @@
+"""The batching engine in-process: a request alone gets what transformers' generate gives; requests for
+different adapters decoded in one batch get what they get alone (or diverge only at a near-tie); rows
+join and leave mid-decode; LRU eviction reloads what it evicted; cancelled rows free their slot."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneforge.serving.adapters import AdapterSet, AdapterSource
+from tuneforge.serving.engine import BatchEngine, QueueFull, SamplingParams, Sequence
+
+TIE = 1e-3  # two best logits closer than this: batched arithmetic may legitimately pick the other
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def adapters(llama, tmp_path_factory) -> dict[str, Path]:
+    """Two random LoRA adapters (non-zero B, so each changes the output) saved as peft folders."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(llama)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear",
+                                                init_lora_weights=False))
+        folder = tmp_path_factory.mktemp(f"adapter-{name}")
+        model.save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def load(llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(llama).eval()
+
+
+class Collect:
+    """Gathers a sequence's outputs; `done` is set when it finishes."""
+
+    def __init__(self):
+        self.text, self.ids, self.reason = "", [], None
+        self.done = threading.Event()
+
+    def __call__(self, out):
+        self.text += out.text
+        if out.finish_reason:
+            self.ids, self.reason = out.token_ids, out.finish_reason
+            self.done.set()
+
+
+def seq(prompt, adapter=None, max_tokens=12, stop_ids=(), **params) -> tuple[Sequence, Collect]:
+    c = Collect()
+    return Sequence(list(prompt), adapter, SamplingParams(max_tokens=max_tokens, temperature=0.0, **params),
+                    set(stop_ids), c, lambda ids: bytes(i % 256 for i in ids).decode("latin-1")), c
+
+
+def solo(model, prompt, n) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens of transformers' own generate, and the logits that chose each."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[0, len(prompt):].tolist(), [l[0] for l in out.logits]
+
+
+def same_or_tied(got: list[int], want: list[int], logits: list[torch.Tensor]) -> None:
+    """Equal, or equal up to a position where the solo run's two best logits were within TIE."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            top2 = logits[i].topk(2).values
+            assert float(top2[0] - top2[1]) < TIE, f"diverged at {i} with margin {float(top2[0] - top2[1]):.4g}"
+            return
+    assert len(got) == len(want)
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]]
+
+
+def test_single_request_equals_generate(llama):
+    model = load(llama)
+    engine = BatchEngine(model, name="t")
+    try:
+        for prompt in PROMPTS:
+            s, c = seq(prompt)
+            engine.submit(s)
+            assert c.done.wait(30)
+            assert c.ids == solo(model, prompt, 12)[0] and c.reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_mixed_adapters_in_one_batch_match_their_solo_runs(llama, adapters):
+    from peft import PeftModel
+
+    model = load(llama)
+    aset = AdapterSet(model, max_adapters=4)
+    for name, folder in adapters.items():
+        aset.register(name, AdapterSource(folder=folder))
+    engine = BatchEngine(model, adapters=aset, name="t")
+    jobs = [(PROMPTS[0], "a"), (PROMPTS[1], "b"), (PROMPTS[2], None), (PROMPTS[1], "a")]
+    try:
+        collected = []
+        for prompt, adapter in jobs:  # submitted together: decoded in one batch
+            s, c = seq(prompt, adapter, max_tokens=16)
+            collected.append(c)
+            engine.submit(s)
+        assert all(c.done.wait(60) for c in collected)
+        deadline = time.time() + 5  # rows leave the batch just after their last output is emitted
+        while engine.load()["active"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.load() == {"active": 0, "waiting": 0}
+    finally:
+        engine.stop()
+    outputs = [c.ids for c in collected]
+    assert len({tuple(o) for o in outputs}) >= 3, "adapters must change the output"
+    for (prompt, adapter), got in zip(jobs, outputs):
+        reference = load(llama)
+        if adapter:
+            reference = PeftModel.from_pretrained(reference, adapters[adapter]).eval()
+        want, logits = solo(reference, prompt, 16)
+        same_or_tied(got, want, logits)
+
+
+def test_rows_join_and_leave_mid_decode(llama):
+    model = load(llama)
+    engine = BatchEngine(model, name="t")
+    try:
+        long_seq, long_c = seq(PROMPTS[2], max_tokens=60)
+        engine.submit(long_seq)
+        while len(long_seq.out_ids) < 5:
+            time.sleep(0.005)
+        short = []
+        for prompt in PROMPTS[:2]:  # join while the first is decoding; finish (leave) before it
+            s, c = seq(prompt, max_tokens=6)
+            engine.submit(s)
+            short.append((prompt, c))
+        for prompt, c in short:
+            assert c.done.wait(30) and c.ids == solo(model, prompt, 6)[0]
+        assert long_c.done.wait(60)
+        want, logits = solo(model, PROMPTS[2], 60)
+        same_or_tied(long_c.ids, want, logits)
+    finally:
+        engine.stop()
+
+
+def test_lru_with_one_slot_reloads_evicted_adapters(llama, adapters):
+    from peft import PeftModel
+
+    model = load(llama)
+    aset = AdapterSet(model, max_adapters=1)
+    for name, folder in adapters.items():
+        aset.register(name, AdapterSource(folder=folder))
+    engine = BatchEngine(model, adapters=aset, name="t")
+    want = {n: solo(PeftModel.from_pretrained(load(llama), f).eval(), PROMPTS[0], 8)[0] for n, f in adapters.items()}
+    try:
+        for name in ("a", "b", "a", "b"):
+            s, c = seq(PROMPTS[0], name, max_tokens=8)
+            engine.submit(s)
+            assert c.done.wait(30) and c.ids == want[name], name
+            assert list(aset.loaded) == [name]
+        assert aset.loads == 4
+    finally:
+        engine.stop()
+
+
+def test_cancelled_rows_free_their_slot_and_a_full_queue_refuses(llama):
+    engine = BatchEngine(load(llama), max_batch=1, max_waiting=1, name="t")
+    try:
+        hog, hog_c = seq(PROMPTS[0], max_tokens=100_000)
+        engine.submit(hog)
+        while not hog.out_ids:
+            time.sleep(0.005)
+        waiting, waiting_c = seq(PROMPTS[1], max_tokens=4)
+        engine.submit(waiting)
+        with pytest.raises(QueueFull):
+            engine.submit(seq(PROMPTS[1])[0])
+        hog.cancel()  # its client went away
+        assert waiting_c.done.wait(10), "the cancelled row kept its slot"
+        assert not hog_c.done.is_set() and len(hog.out_ids) < 100_000
+    finally:
+        engine.stop()
+
+
+def test_stop_tokens_and_strings_and_sampling_seeds(llama):
+    model = load(llama)
+    engine = BatchEngine(model, name="t")
+    try:
+        greedy = solo(model, PROMPTS[0], 12)[0]
+        s, c = seq(PROMPTS[0], stop_ids={greedy[3]})
+        engine.submit(s)
+        assert c.done.wait(30) and c.reason == "stop" and c.ids == greedy[:greedy.index(greedy[3])]
+        text = bytes(i % 256 for i in greedy).decode("latin-1")
+        s, c = seq(PROMPTS[0], stop=[text[4:6]])
+        engine.submit(s)
+        assert c.done.wait(30) and c.reason == "stop" and c.text == text[:text.index(text[4:6])]
+        runs = []
+        for seed in (1, 1, 2):
+            col = Collect()
+            engine.submit(Sequence(PROMPTS[0], None, SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9,
+                                                                    seed=seed), set(), col, lambda ids: ""))
+            assert col.done.wait(30)
+            runs.append(col.ids)
+        assert runs[0] == runs[1] != runs[2]
+    finally:
+        engine.stop()
