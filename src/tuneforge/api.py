@@ -17,7 +17,7 @@ from tuneforge.spec import JobSpec, build_spec, load_spec
 from tuneforge.training.events import ConsoleProgress, EventHandler, RunEvent, RunSummary, StopRequest
 
 __all__ = ["train", "report", "evaluate", "load", "generate", "merge", "summary", "LoadedModel", "RunSummary",
-           "RunEvent", "StopRequest", "resolve_job", "is_run_dir"]
+           "RunEvent", "StopRequest", "resolve_job", "is_run_dir", "plan", "compare"]
 
 
 def resolve_job(spec: JobSpec | dict | str | Path, overrides: list[str] | tuple[str, ...] = (), *,
@@ -43,19 +43,78 @@ def resolve_job(spec: JobSpec | dict | str | Path, overrides: list[str] | tuple[
 
 def train(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str, ...] = (), resume: bool = False,
           overwrite: bool = False, stop_after: int | None = None, progress: bool = True,
-          on_event: EventHandler | None = None, stop: StopRequest | None = None) -> RunSummary:
+          on_event: EventHandler | None = None, stop: StopRequest | None = None, predict_memory: bool = False,
+          strict_memory: bool = False) -> RunSummary:
     """Fine-tune according to `spec` (a JobSpec, a dict, a YAML path, or a run folder to resume); return the
     run's summary. `progress`: draw a progress bar on stderr (ignored when `on_event` receives the events).
     `stop`: a StopRequest another thread or a signal handler may set; training then stops at the next step
-    boundary with a checkpoint (status "stopped")."""
+    boundary with a checkpoint (status "stopped"). `predict_memory`: predict the run's peak memory first
+    (`tuneforge plan`, in a child process), warn through the events when it exceeds this machine's memory and
+    record it in the summary as `predicted_peak_mb`; `strict_memory`: refuse to start instead of warning."""
     from tuneforge.training.recipe import train as run_recipe
 
     job = resolve_job(spec, overrides, resume=resume)
     handler = on_event or (ConsoleProgress() if progress else None)
+    predicted = _predict_peak(job, handler, strict_memory) if predict_memory or strict_memory else None
     result = run_recipe(job, resume=resume, overwrite=overwrite, stop_after=stop_after, on_event=handler, stop=stop)
+    if predicted is not None and not result.already_finished:
+        result.predicted_peak_mb = predicted
+        _record_prediction(Path(result.output_dir), predicted)
     if result.status == "succeeded" and not result.already_finished and job.eval and job.eval.before_after:
         result.report = str(report(result.output_dir, progress=progress and on_event is None))
     return result
+
+
+def _predict_peak(job: JobSpec, handler: EventHandler | None, strict: bool) -> float | None:
+    """The planner's predicted peak (MB) for `job` as written, from a child process (its probe must not count
+    in this process's peak); warn, or with `strict` raise, when it exceeds the memory available."""
+    import subprocess
+    import sys
+
+    d = getattr(job, "distributed", None)
+    if d is not None and d.world_size > 1:
+        return None  # per-rank predictions: `tuneforge plan --nproc N`
+    code = ("import json, sys; from tuneforge.api import plan; from tuneforge.spec import JobSpec; "
+            "p = plan(JobSpec.model_validate(json.load(sys.stdin)), methods=(sys.argv[1],)); "
+            "print(json.dumps(p.as_dict()))")
+    proc = subprocess.run([sys.executable, "-c", code, job.method], input=job.model_dump_json(), capture_output=True,
+                          text=True)
+    try:
+        planned = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = planned["combinations"][0]
+    except (ValueError, IndexError, KeyError):
+        problem = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if strict:
+            raise TuneforgeError(f"--strict-memory: could not predict this run's memory ({problem})") from None
+        if handler:
+            handler(RunEvent("warning", f"memory prediction skipped ({problem})"))
+        return None
+    peak, memory = row["predicted_peak_mb"], planned["memory_mb"]
+    from tuneforge.planning.plan import HEADROOM
+
+    if peak is not None and peak > HEADROOM * memory:
+        message = (f"predicted peak memory {peak:,.0f} MB exceeds {HEADROOM:.0%} of this machine's {memory:,.0f} MB "
+                   f"({job.method} on {job.model}, batch {job.training.batch_size} x {job.training.max_seq_len}); "
+                   "lower training.batch_size or max_seq_len, turn on training.gradient_checkpointing, or use "
+                   "method qlora (see `tuneforge plan SPEC`)")
+        if strict:
+            raise TuneforgeError(f"--strict-memory: {message}")
+        if handler:
+            handler(RunEvent("warning", message))
+    elif handler and peak is not None:
+        handler(RunEvent("info", f"predicted peak memory {peak:,.0f} MB of {memory:,.0f} MB"))
+    return peak
+
+
+def _record_prediction(run_dir: Path, predicted: float) -> None:
+    """Add the prediction to a finished run's summary.json (the recipe wrote the measured peak)."""
+    path = run_dir / "summary.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    data["predicted_peak_mb"] = predicted
+    files.atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def report(run_dir: str | Path, data: str | Path | None = None, *, progress: bool = True) -> Path:
@@ -122,6 +181,34 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
         files.remove_owned(out)
     tmp.rename(out)
     return out
+
+
+def plan(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str, ...] = (), methods=None,
+         strategies=None, device: str | None = None, memory_gb: float | None = None, nproc: int = 1,
+         progress=None, use_cache: bool = True):
+    """Predict each method's (x strategy's) parameters, memory and step time for `spec` before training, and
+    which fit (`tuneforge plan`); returns a tuneforge.planning.plan.Plan (`.as_dict()` for JSON)."""
+    from tuneforge.planning.estimate import METHODS
+    from tuneforge.planning.plan import plan as make_plan
+
+    job = resolve_job(spec, overrides)
+    d = getattr(job, "distributed", None)
+    if d is not None and nproc == 1 and d.world_size > 1:
+        nproc = d.world_size
+        strategies = strategies or (d.strategy,)
+    return make_plan(job, methods=methods or METHODS, strategies=strategies or ("none",), device=device,
+                     memory_gb=memory_gb, nproc=nproc, progress=progress, use_cache=use_cache)
+
+
+def compare(spec: JobSpec | dict | str | Path, *, methods=("lora", "dora", "qlora", "ia3", "full"), out: str | Path,
+            overrides: list[str] | tuple[str, ...] = (), steps: int | None = None, overwrite: bool = False,
+            progress=None) -> Path:
+    """Train `spec` once per method (same data and steps, each in its own process) and write `compare.md` with
+    PNG charts beside the source document's claims (`tuneforge compare`); returns the path of compare.md."""
+    from tuneforge.planning.compare import compare_methods
+
+    return compare_methods(resolve_job(spec, overrides), methods=tuple(methods), out=out, steps=steps,
+                           overwrite=overwrite, progress=progress)
 
 
 def summary(run_dir: str | Path) -> dict:

@@ -20,6 +20,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers imports DeepSpeed whenever it is installed; on a CPU machine its import warns that no GPU was found
+    logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
     try:
         from transformers.utils import logging as hf_logging
 
@@ -58,7 +60,19 @@ def cmd_train(args) -> int:
     from tuneforge.training.allocator import return_big_buffers_to_os
     from tuneforge.training.events import ConsoleProgress, StopRequest
 
-    job = api.resolve_job(args.spec, args.set, resume=args.resume)
+    overrides = args.set + _distributed_overrides(args)
+    job = api.resolve_job(args.spec, overrides, resume=args.resume)
+    from tuneforge.distributed import launch_ranks, needs_launch
+
+    if needs_launch(job.distributed):  # start this node's ranks; each runs this command again
+        rank_args = ["train", args.spec, *(a for o in overrides for a in ("--set", o))]
+        rank_args += [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
+                                            ("--quiet", args.quiet), ("--json", args.json),
+                                            ("--plan", getattr(args, "plan", False)),
+                                            ("--strict-memory", getattr(args, "strict_memory", False))) if on]
+        rank_args += ["--stop-after", str(args.stop_after)] if args.stop_after else []
+        launch_ranks(job.distributed, rank_args)
+        return 0
     if job.method == "qlora" and resolve_device(job.device).type == "cpu":
         return_big_buffers_to_os()  # process-wide, so set here at the entry point (see training/allocator.py)
     stop = StopRequest()
@@ -66,19 +80,27 @@ def cmd_train(args) -> int:
     try:
         with stop_on_signals(stop):
             summary = api.train(job, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
-                                on_event=console, stop=stop)
+                                on_event=console, stop=stop, predict_memory=args.plan,
+                                strict_memory=args.strict_memory)
     except KeyboardInterrupt:  # before training began, while nothing had been written
         print(f"\ninterrupted ({stop.reason or 'SIGINT'}) before training started; nothing was saved", file=sys.stderr)
         return 143 if stop.reason == "SIGTERM" else 130
     finally:
         console.close()  # an error message must not land inside the progress bar
-    if args.json:
+    if args.json and os.environ.get("RANK", "0") == "0":  # one summary from a multi-rank run: the main rank's
         print(summary.model_dump_json(indent=2))
     elif summary.report:
         print(f"before/after report: {summary.report}", file=sys.stderr)
     if summary.status == "stopped" and summary.stop_reason in ("SIGINT", "SIGTERM"):
         return 128 + signal.Signals[summary.stop_reason].value
     return 0
+
+
+def _distributed_overrides(args) -> list[str]:
+    """`--nproc 2 --node-rank 1 ...` as the spec's `distributed.*` overrides."""
+    flags = {"nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
+             "master_addr": args.master_addr, "master_port": args.master_port}
+    return [f"distributed.{k}={v}" for k, v in flags.items() if v is not None]
 
 
 def cmd_data_validate(args) -> int:
@@ -107,6 +129,27 @@ def cmd_data_generate(args) -> int:
     return 0
 
 
+def cmd_k8s_render(args) -> int:
+    from tuneforge import api, files
+    from tuneforge.distributed.k8s import render_pytorchjob
+
+    job = api.resolve_job(args.spec, args.set)
+    name = args.name or "tuneforge-" + files.expand(args.spec).stem.lower().replace("_", "-")
+    text = render_pytorchjob(job, nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, name=name,
+                             namespace=args.namespace, volume_claim=args.volume_claim, resume=args.resume)
+    if args.out:
+        out = files.expand(args.out)
+        if out.exists() and not args.overwrite:
+            from tuneforge.errors import SpecError
+
+            raise SpecError(f"--out: {out} exists; pass --overwrite to replace it")
+        files.atomic_write_text(out, text)
+        print(f"wrote {out}: kubectl apply -f {out}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from tuneforge import api
 
@@ -128,9 +171,17 @@ def cmd_generate(args) -> int:
         prompts = [line for line in _stdin_text().splitlines() if line.strip()]
         if not prompts:
             raise SpecError("no prompts: stdin was empty; pass --prompt TEXT or pipe one prompt per line")
-    loaded = api.load(args.model, task=args.task, prompt_template=args.prompt_template)
-    for prompt, answer in zip(prompts, api.generate(loaded, prompts, max_new_tokens=args.max_new_tokens,
-                                                     temperature=args.temperature)):
+    if args.engine == "onnx":  # an ONNX export (tuneforge export onnx), run by ONNX Runtime GenAI
+        from tuneforge.export.onnx import generate as onnx_generate
+
+        answers = onnx_generate(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                adapter=args.adapter, task=args.task, prompt_template=args.prompt_template)
+    else:
+        if args.adapter:
+            raise SpecError("--adapter: only with --engine onnx (an adapters export); a run folder is its own adapter")
+        loaded = api.load(args.model, task=args.task, prompt_template=args.prompt_template)
+        answers = api.generate(loaded, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    for prompt, answer in zip(prompts, answers):
         print(json.dumps({"prompt": prompt, "output": answer}, ensure_ascii=False) if args.json else answer)
     return 0
 
@@ -200,6 +251,65 @@ def cmd_report(args) -> int:
     from tuneforge import api
 
     print(f"report written to {api.report(args.run_dir, args.data)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tuneforge import export
+
+    common = dict(data=args.data, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                  loss_tolerance=args.loss_tolerance, threads=args.threads, keep_failed=args.keep_failed)
+    if args.export_format == "gguf":
+        record = export.export_gguf(args.run_dir, args.out, args.type, **common)
+    elif args.adapters:
+        record = export.export_onnx_adapter(args.run_dir, args.out, args.precision, name=args.name, **common)
+    else:
+        record = export.export_onnx(args.run_dir, args.out, args.precision or "fp32", **common)
+    if args.json:
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+    else:
+        for gate in record["gates"]:
+            print(f"{'pass' if gate['passed'] else 'FAIL'}  {gate['name']}: {gate['message']}", file=sys.stderr)
+        print(f"export written to {record['path']} (gates recorded in {record['record_file']})")
+    return 0
+
+
+def _plan_spec(args):
+    """SPEC is a job spec (YAML) or, for a quick look, a model alias / folder / hub id (default training settings)."""
+    from pathlib import Path
+
+    from tuneforge import api
+
+    target = Path(args.spec).expanduser()
+    if target.is_file() and target.suffix in (".yaml", ".yml", ".json"):
+        return api.resolve_job(args.spec, args.set)
+    return api.resolve_job({"model": args.spec, "data": {"train": "-"}}, args.set)
+
+
+def cmd_plan(args) -> int:
+    from tuneforge import api
+
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else None
+    progress = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+    result = api.plan(_plan_spec(args), methods=methods, strategies=strategies, device=args.device,
+                      memory_gb=args.memory_gb, nproc=args.nproc, progress=progress)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        from tuneforge.planning.plan import format_plan
+
+        print(format_plan(result))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tuneforge import api
+
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    path = api.compare(args.spec, methods=methods, out=args.out, overrides=args.set, steps=args.steps,
+                       overwrite=args.overwrite, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    print(f"comparison written to {path}")
     return 0
 
 
@@ -277,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=positive_int, metavar="N", help="stop after N steps, leaving a resumable checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or start-up messages (warnings and the last line stay)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--plan", action="store_true", help="predict the peak memory first (`tuneforge plan`: a "
+                   "calibration probe the first time for a model shape, then cached), warn when it exceeds 90%% of "
+                   "this machine's, and record it in summary.json")
+    p.add_argument("--strict-memory", action="store_true", help="like --plan, but refuse to start instead of warning")
+    g = p.add_argument_group("several processes (distributed.*; docs/distributed.md)")
+    g.add_argument("--nproc", type=positive_int, metavar="N", help="ranks on this node, launched through "
+                   "torch.distributed.run (distributed.nproc; strategy ddp unless the spec says otherwise)")
+    g.add_argument("--nnodes", type=positive_int, metavar="N", help="nodes taking part (distributed.nnodes)")
+    g.add_argument("--node-rank", type=int, metavar="R", help="this node's index, 0 on the node hosting the rendezvous")
+    g.add_argument("--master-addr", metavar="HOST", help="address of node 0 (distributed.master_addr)")
+    g.add_argument("--master-port", type=int, metavar="PORT", help="rendezvous port on node 0 (distributed.master_port)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="inspect training data")
@@ -299,6 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace train/valid/heldout.jsonl there if they differ")
     g.set_defaults(func=cmd_data_generate)
 
+    p = sub.add_parser("k8s", help="run a spec on Kubernetes (Kubeflow PyTorchJob)")
+    ksub = p.add_subparsers(dest="k8s_command", required=True, metavar="SUBCOMMAND")
+    r = ksub.add_parser("render", help="write a ConfigMap + PyTorchJob that runs SPEC on N nodes")
+    r.add_argument("spec", help="job spec (YAML); its paths must exist in the image or on --volume-claim")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. distributed.strategy=zero3")
+    r.add_argument("--nodes", type=positive_int, required=True, help="pods (nodes); one Master, the rest Workers")
+    r.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="GPUs (= ranks) per pod; 0: CPU pods, 1 rank")
+    r.add_argument("--image", required=True, help="container image with tuneforge installed")
+    r.add_argument("--name", help="job name (default: tuneforge-<spec file name>)")
+    r.add_argument("--namespace", help="Kubernetes namespace")
+    r.add_argument("--volume-claim", metavar="PVC", help="PersistentVolumeClaim shared by all pods, mounted at "
+                   "/workspace (the working directory): data, model and output_dir")
+    r.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
+    r.add_argument("--out", help="write the manifest here (default: stdout)")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    r.set_defaults(func=cmd_k8s_render)
+
     p = sub.add_parser("merge", help="merge a run's adapter into its base model")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="folder for the merged model")
@@ -315,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", choices=TASKS, help="default: the run's task")
             p.add_argument("--prompt-template", help=TEMPLATE_HELP)
             p.add_argument("--json", action="store_true")
+            p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                           help="onnx: MODEL is a folder written by `tuneforge export onnx` (ONNX Runtime GenAI)")
+            p.add_argument("--adapter", help="--engine onnx with an adapters export: the adapter to use")
         else:
             p.add_argument("--system", help="system prompt")
         p.set_defaults(func=func)
@@ -371,6 +512,57 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--database-url", help="as given to `tuneforge serve`")
     k.set_defaults(func=cmd_keys_create)
 
+    p = sub.add_parser("export", help="export a run to ONNX Runtime or GGUF, gated on equivalence with the run")
+    esub = p.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
+    for fmt, text in (("onnx", "ONNX Runtime GenAI folder (fp32/int8/int4; merged, or a base + adapters with --adapters)"),
+                      ("gguf", "GGUF file for llama.cpp / Ollama (f16/q8_0; merged weights, tokenizer, chat template)")):
+        e = esub.add_parser(fmt, help=text)
+        e.add_argument("run_dir", help="finished run folder")
+        e.add_argument("--out", required=True, help="export folder" if fmt == "onnx" else "the .gguf file to write")
+        if fmt == "onnx":
+            e.add_argument("--precision", choices=["fp32", "int8", "int4"],
+                           help="weights: fp32 (the default; gate: identical greedy tokens) or int8/int4 (gate: held-out "
+                           "loss); --adapters into an existing export: its precision")
+            e.add_argument("--adapters", action="store_true", help="export the base once with LoRA inputs and this run "
+                           "as an adapter file in OUT/adapters/ (run again with other runs to add adapters)")
+            e.add_argument("--name", help="--adapters: the adapter's name (default: the run folder's name)")
+        else:
+            e.add_argument("--type", choices=["f16", "q8_0"], default="f16",
+                           help="f16 (gate: identical greedy tokens) or q8_0 (gate: held-out loss)")
+        e.add_argument("--data", help="held-out JSONL for the gates (default: the spec's eval.data, else its validation file)")
+        e.add_argument("--prompts", type=positive_int, default=8, help="held-out prompts decoded greedily (default 8)")
+        e.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens per greedy decode (default 64)")
+        e.add_argument("--loss-tolerance", type=_number(float, 1e-9, "a positive fraction, e.g. 0.05"),
+                       help="held-out loss drift allowed, as a fraction of the loss (and, quantised, of the "
+                       "fine-tune's gain over the base); default per precision, see export.json")
+        e.add_argument("--threads", type=positive_int, help="ONNX Runtime threads for the gate runs")
+        e.add_argument("--keep-failed", action="store_true", help="keep an export that failed its gates (still exit 3)")
+        e.add_argument("--json", action="store_true", help="print the export record (export.json) as JSON")
+        e.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="predict each method's memory and step time before training; which fit")
+    p.add_argument("spec", help="job spec (YAML), or a model alias / folder (config.json is enough) / hub id")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.batch_size=8")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the run would train (default: the spec's)")
+    p.add_argument("--memory-gb", type=_number(float, 0.01, "a positive number of GB"),
+                   help="memory to plan for (default: this machine's RAM, or the GPU's)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="data-parallel processes: per-rank estimates "
+                   "for ddp, zero1, zero2, zero3")
+    p.add_argument("--methods", help="comma-separated (default: full,lora,dora,qlora,ia3,prompt_tuning)")
+    p.add_argument("--strategies", help="comma-separated: none,ddp,zero1,zero2,zero3 (default: none; with --nproc: the others)")
+    p.add_argument("--json", action="store_true", help="per combination: method, strategy, total_params, "
+                   "trainable_params, predicted_peak_mb, predicted_step_seconds, fits, ...")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compare", help="train each method for the same steps and data; compare.md + charts")
+    p.add_argument("spec", help="job spec (YAML): model, data, training settings")
+    p.add_argument("--methods", default="lora,dora,qlora,ia3,full", help="comma-separated (default: lora,dora,qlora,ia3,full)")
+    p.add_argument("--out", required=True, help="folder for compare.md, the PNG charts and the runs")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps per method (default: the spec's max_steps, else 20)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's run")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("demo", help="fine-tune SmolLM2 on ticket triage and show before/after")
     p.add_argument("--output-dir", default="runs/demo", help="run folder (replaced if an earlier demo made it)")
     p.add_argument("--epochs", type=non_negative_float, default=2)
@@ -390,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
         return args.func(args)
     except TuneforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from tuneforge.distributed import rank_label
+
+        print(f"error: {'' if str(e).startswith('rank ') else rank_label()}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -156,6 +156,60 @@ class EvalSpec(_Strict):
     examples: int = Field(5, ge=0, description="Examples shown side by side in the report.")
 
 
+class DistributedSpec(_Strict):
+    """Data parallelism over several processes (docs/distributed.md). Present = `tuneforge train` launches
+    `nproc` ranks on this node through torch.distributed.run; absent = one process."""
+
+    strategy: Literal["none", "ddp", "zero1", "zero2", "zero3"] = Field(
+        "ddp", description="none: one process | ddp: replicated weights, gradients all-reduced | zero1: + optimizer "
+        "state sharded | zero2: + gradients sharded | zero3: + weights sharded (torch: FSDP2; deepspeed: ZeRO stages).")
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch", description="torch: DDP / ZeroRedundancyOptimizer / FSDP2; deepspeed: DeepSpeed ZeRO (pip install "
+        "'tuneforge[deepspeed]').")
+    offload: Literal["none", "optimizer", "parameters"] = Field(
+        "none", description="Keep state in CPU memory: optimizer (deepspeed) or parameters (+ gradients and optimizer "
+        "state; zero2/zero3).")
+    nproc: int = Field(1, ge=1, le=1024, description="Processes (ranks) per node; one per GPU on GPU machines.")
+    nnodes: int = Field(1, ge=1, le=4096, description="Nodes taking part; each runs `tuneforge train` with its node_rank.")
+    node_rank: int = Field(0, ge=0, description="This node's index, 0 .. nnodes-1 (node 0 hosts the rendezvous).")
+    master_addr: str = Field("127.0.0.1", min_length=1, description="Address of node 0, reachable from every node.")
+    master_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on node 0 for the rendezvous.")
+    timeout_seconds: float = Field(
+        600, gt=0, le=86_400, description="A collective waiting longer than this fails the run, naming the rank that "
+        "stopped responding (dead or hung peers never hang the job silently).")
+    deepspeed_config: str | None = Field(
+        None, min_length=1, description="backend deepspeed: your own DeepSpeed JSON; tuneforge fills batch sizes, "
+        "gradient clipping and the optimizer from the spec and refuses values that contradict it.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSpec:
+        problems = []
+        if self.node_rank >= self.nnodes:
+            problems.append(f"node_rank: {self.node_rank} is not below nnodes={self.nnodes}")
+        if self.strategy == "none" and self.world_size > 1:
+            problems.append(f"strategy: none runs one process but nproc x nnodes = {self.world_size}; choose ddp, "
+                            "zero1, zero2 or zero3")
+        if self.offload != "none" and self.backend == "torch":
+            if self.strategy in ("none", "ddp", "zero1"):
+                problems.append(f"offload: {self.offload} needs strategy zero2 or zero3 with backend torch (FSDP2's "
+                                "CPU offload), or backend deepspeed")
+            elif self.offload == "optimizer":
+                problems.append("offload: optimizer alone is DeepSpeed's; FSDP2 offloads parameters, gradients and "
+                                "optimizer state together: use offload: parameters, or backend: deepspeed")
+        if self.offload == "parameters" and self.backend == "deepspeed" and self.strategy != "zero3":
+            problems.append("offload: parameters needs strategy zero3 with DeepSpeed (it shards the parameters); "
+                            "use offload: optimizer for zero1/zero2")
+        if self.deepspeed_config is not None and self.backend != "deepspeed":
+            problems.append("deepspeed_config: only backend deepspeed reads it; set backend: deepspeed")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class JobSpec(_Strict):
     """A fine-tuning job. The resolved spec is written to `<output_dir>/spec.yaml`."""
 
@@ -170,6 +224,8 @@ class JobSpec(_Strict):
     eval: EvalSpec | None = Field(None, description="Held-out evaluation and before/after report.")
     output_dir: str = Field("runs/demo", description="Run folder: checkpoints, adapter/model, metrics, summary.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (off: safer).")
+    distributed: DistributedSpec | None = Field(
+        None, description="Several processes / nodes (DDP, ZeRO 1-3 on FSDP2 or DeepSpeed); absent: one process.")
 
     @model_validator(mode="after")
     def _fits_task(self) -> JobSpec:
@@ -185,6 +241,21 @@ class JobSpec(_Strict):
         if self.training.packing and self.method == "prompt_tuning":
             raise ValueError("training.packing: prompt tuning prepends virtual tokens to each row, so it "
                              "cannot pack several examples into one; set packing: false")
+        d = self.distributed
+        if d is not None and d.strategy != "none":
+            if self.method in ("ia3", "prompt_tuning"):
+                raise ValueError(f"distributed.strategy: {self.method} is not supported with several processes "
+                                 "(tested: lora, dora, qlora under ddp/zero1, full); drop `distributed`")
+            if self.method == "qlora" and (d.strategy in ("zero2", "zero3") or d.backend == "deepspeed"):
+                raise ValueError(f"distributed.strategy: qlora's 4-bit base weights cannot be sharded by "
+                                 f"{'DeepSpeed' if d.backend == 'deepspeed' else 'FSDP2'} ({d.strategy}); use strategy "
+                                 "ddp or zero1 with backend torch, or method lora")
+            if self.training.precision == "fp16" and (d.strategy != "ddp" or d.backend == "deepspeed"):
+                raise ValueError(f"training.precision: fp16's gradient scaler is not synchronised over "
+                                 f"{d.strategy} shards; use precision bf16 (or strategy ddp)")
+            if self.training.optimizer == "adamw_8bit" and (d.strategy != "ddp" or d.backend == "deepspeed"):
+                raise ValueError(f"training.optimizer: adamw_8bit is not supported with {d.strategy}; use adamw "
+                                 "(or strategy ddp)")
         if self.data.chat_template is not None and self.task != "chat":
             raise ValueError(f"data.chat_template: only task chat uses a chat template (task is '{self.task}'); "
                              "use data.prompt_template")

@@ -42,7 +42,7 @@ def test_imports_flow_one_way():
         {"errors", "files", "hardware"},
         {"spec", "data", "models", "methods", "distributed"},
         {"training", "inference", "serving"},
-        {"evaluation"},
+        {"evaluation", "export", "planning"},
         {"api"},
         {"service"},
         {"cli", "demo", "demo_data", "__init__"},

@@ -17,8 +17,17 @@ GROUP_WINDOW_STEPS = 16
 
 
 def step_groups(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
-                group_by_length: bool = True) -> list[list[list[int]]]:
-    """Return, for one epoch, a list of steps; each step is a list of micro-batches of example indices."""
+                group_by_length: bool = True, rank: int = 0, world_size: int = 1) -> list[list[list[int]]]:
+    """Return, for one epoch, a list of steps; each step is a list of micro-batches of example indices.
+
+    With `world_size` ranks a step is the global batch of `batch_size * grad_accum * world_size`
+    examples, ordered exactly as one process with `grad_accum * world_size` would order them; rank r
+    gets micro-batches r, r + world_size, ... of it. So every example is seen once per epoch across
+    the ranks, and the ranks together follow the 1-process trajectory of the same global batch. Near
+    the end of an epoch a rank may get fewer micro-batches (even none) than its peers."""
+    if world_size > 1:
+        steps = step_groups(lengths, batch_size, grad_accum * world_size, seed, epoch, group_by_length)
+        return [step[rank::world_size] for step in steps]
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)

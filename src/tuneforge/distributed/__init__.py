@@ -1,4 +1,7 @@
-"""How the training loop talks to its process group (single process today; DDP/FSDP2/DeepSpeed plug in here)."""
-from tuneforge.distributed.strategy import SingleDevice, Strategy
+"""How the training loop talks to its process group: one process (`SingleDevice`), or ranks started by
+torch.distributed.run running DDP, ZeRO-1, FSDP2 (ZeRO-2/3) or DeepSpeed ZeRO (docs/distributed.md)."""
+from tuneforge.distributed.launch import build_strategy, in_launched_rank, launch_ranks, needs_launch, rank_label
+from tuneforge.distributed.strategy import DistributedError, ForwardLoss, SingleDevice, Strategy
 
-__all__ = ["SingleDevice", "Strategy"]
+__all__ = ["DistributedError", "ForwardLoss", "SingleDevice", "Strategy", "build_strategy", "in_launched_rank",
+           "launch_ranks", "needs_launch", "rank_label"]

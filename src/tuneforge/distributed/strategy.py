@@ -1,25 +1,71 @@
 """The interface between the training loop and data parallelism.
 
-The loop calls only these methods, so a torch.distributed strategy (DDP, FSDP2, DeepSpeed ZeRO)
-can replace `SingleDevice` without touching the loop.
+The loop calls only these methods, so a torch.distributed strategy (DDP, ZeRO-1, FSDP2, DeepSpeed
+ZeRO; torch_strategies.py, deepspeed.py) replaces `SingleDevice` without the loop knowing which.
+
+The loop's forward is a module (`ForwardLoss`: batch -> (loss sum, correct)) so that a wrapper
+(DDP, FSDP2's root, a DeepSpeed engine) sees every forward and can hook its communication in.
+
+Gradient scale, written down once: every rank divides its summed loss by the target count of the
+*whole* global batch (all-reduced), so the sum of the ranks' gradients is the 1-process gradient.
+DDP, FSDP2 and DeepSpeed *average* gradients over ranks (divide by world size); `grad_scale` = world
+size multiplies the loss to undo that average (for 2, 4, 8 ranks both are exact powers of two).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
+
+from tuneforge.errors import TuneforgeError
+
+
+class DistributedError(TuneforgeError):
+    """A rank died, hung or could not join the process group; the message names the rank."""
+
+    exit_code = 1
+
+
+class ForwardLoss(torch.nn.Module):
+    """`model` plus its loss function as one module: forward(batch) -> (loss sum, correct count)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.loss_fn(batch)
 
 
 class Strategy(Protocol):
     world_size: int
     rank: int
     device: torch.device
+    name: str  # "single", "ddp", "zero1", "zero2", "zero3", "deepspeed-zero2", ...
+    sharded: bool  # checkpoints are written by every rank (each holds a part of the state)
+    grad_scale: float  # multiplies the loss before backward (undoes the wrapper's averaging)
 
     @property
     def is_main(self) -> bool: ...
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    def wrap(self, module: ForwardLoss) -> torch.nn.Module: ...
+    def build_optimizer(self, params: list, make: Callable, lr: float, weight_decay: float): ...
+    def accumulate(self, wrapped: torch.nn.Module, is_last: bool): ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def clip_grad_norm(self, params: list, max_norm: float) -> float | None: ...  # None: clipped in the step
+    def step_grad_norm(self) -> float | None: ...  # the norm an engine clipped inside its step
     def all_reduce_sum(self, value: float) -> float: ...
+    def all_reduce_max(self, value: float) -> float: ...
     def barrier(self) -> None: ...
+    def heartbeat(self, activity: str) -> None: ...
+    def check_peers(self) -> None: ...
+    def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None: ...
+    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None: ...
+    def full_state_dict(self, model) -> dict | None: ...
+    def diagnose(self, error: BaseException) -> TuneforgeError | None: ...
+    def close(self) -> None: ...
 
 
 class SingleDevice:
@@ -27,6 +73,10 @@ class SingleDevice:
 
     world_size = 1
     rank = 0
+    local_rank = 0
+    name = "single"
+    sharded = False
+    grad_scale = 1.0
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -35,11 +85,50 @@ class SingleDevice:
     def is_main(self) -> bool:
         return True
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def build_optimizer(self, params: list, make: Callable, lr: float, weight_decay: float):
+        return make(params)
+
+    def accumulate(self, wrapped: torch.nn.Module, is_last: bool):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, params: list, max_norm: float) -> float:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+
+    def step_grad_norm(self) -> float | None:
+        return None
 
     def all_reduce_sum(self, value: float) -> float:
         return value
 
+    def all_reduce_max(self, value: float) -> float:
+        return value
+
     def barrier(self) -> None:
+        return None
+
+    def heartbeat(self, activity: str) -> None:
+        return None
+
+    def check_peers(self) -> None:
+        return None
+
+    def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None:  # training/checkpoint.py's own format
+        raise NotImplementedError
+
+    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self, model) -> dict | None:
+        return None  # the model itself holds its full weights
+
+    def diagnose(self, error: BaseException) -> TuneforgeError | None:
+        return None
+
+    def close(self) -> None:
         return None

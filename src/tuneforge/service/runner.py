@@ -105,17 +105,51 @@ class JobEvents:
             self.last_estimate = time.time()
 
     def _checkpoint(self, e: RunEvent) -> None:
-        from tuneforge.training.checkpoint import list_checkpoints
-
         job_id, step = self.job["id"], e.step
-        metrics = {k: v for k, v in self.metrics.get(step, {"step": step}).items() if k != "total_steps"}
+        self._record_checkpoint(step, self.metrics.get(step, {"step": step}))
+        self.reconcile(Path(e.data["path"]).parent.parent, sweep=False)
+        self.ctx.store.update_job(job_id, step=step, attempts=0)  # progress: a crash from here costs no attempt
+
+    def _record_checkpoint(self, step: int, metrics: dict) -> None:
+        """One checkpoint row and its event; both idempotent (a replay after a crash changes nothing)."""
+        job_id = self.job["id"]
+        metrics = {k: v for k, v in metrics.items() if k != "total_steps"}
         self.ctx.store.upsert_checkpoint({"id": new_id("ftckpt"), "job_id": job_id, "org_id": self.job["org_id"],
                                          "step": step, "created_at": now(), "metrics": metrics,
                                          "model_name": f"{self.model_name}:ckpt-step-{step}"})
-        run = Path(e.data["path"]).parent.parent
-        self.ctx.store.keep_checkpoints(job_id, [int(p.name.split("-")[1]) for p in list_checkpoints(run)])
-        self.ctx.store.update_job(job_id, step=step, attempts=0)  # progress: a crash from here costs no attempt
         add_event(self.ctx, job_id, f"Checkpoint created at step {step}", dedup=f"checkpoint:{step}")
+
+    def reconcile(self, run: Path, *, sweep: bool = True) -> None:
+        """Make the job's checkpoint rows what the run folder holds. A kill between a checkpoint's rename into
+        place and its event leaves a checkpoint without a row (and, mid-prune, a `.tmp-delete-*` folder): the
+        next attempt calls this before it trains, and every attempt after it trains."""
+        from tuneforge.training.checkpoint import list_checkpoints, sweep_leftovers
+
+        if sweep:
+            sweep_leftovers(run)
+        on_disk = [int(p.name.split("-")[1]) for p in list_checkpoints(run)]
+        logged = _logged_metrics(run / "metrics.jsonl", set(on_disk) - set(self.metrics))
+        for step in on_disk:
+            self._record_checkpoint(step, self.metrics.get(step) or logged.get(step) or {"step": step})
+        self.ctx.store.keep_checkpoints(self.job["id"], on_disk)
+
+
+def _logged_metrics(path: Path, steps: set[int]) -> dict[int, dict]:
+    """The metrics event fields of `steps`, from the run's metrics.jsonl (what a killed attempt logged)."""
+    found: dict[int, dict] = {}
+    if not steps or not path.is_file():
+        return found
+    names = {"train_loss": "train_loss", "train_token_accuracy": "train_mean_token_accuracy",
+             "eval_loss": "valid_loss", "eval_token_accuracy": "valid_mean_token_accuracy"}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step") in steps:
+            row = found.setdefault(record["step"], {"step": record["step"], **{v: None for v in names.values()}})
+            row.update({names[k]: v for k, v in record.items() if k in names})
+    return found
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -154,7 +188,10 @@ def run(job_id: str, worker_id: str | None = None) -> int:
         org = ctx.store.get_org(job["org_id"])
         events = JobEvents(ctx, job, ft_model_name(job["model"], org["name"], job["suffix"], job_id), spec, worker_id)
         resume = latest_checkpoint(Path(spec.output_dir)) is not None
+        if resume:
+            events.reconcile(Path(spec.output_dir))
         summary = api.train(spec, resume=resume, on_event=events, stop=stop, progress=False)
+        events.reconcile(Path(spec.output_dir))
     except TuneforgeError as e:
         problems = [{**p.as_dict(), "source": None} for p in e.problems]
         spec = JobSpec.model_validate(job["spec"])

@@ -131,10 +131,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token from logits (V,): greedy at temperature 0, else temperature + nucleus (top_p) sampling."""
     if params.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # In float64 and from the best logit down: a temperature as small as 5e-324 gives 0 for the best token and
+    # -inf for the rest (a one-hot distribution), never 0/0 = NaN as float32 would (5e-324 rounds to 0 there).
+    probs = torch.softmax((logits.double() - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # the smallest set reaching top_p
+        keep[0] = True  # however small top_p is (5e-324 rounds to 0 in float32), the best token stays
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -226,7 +229,12 @@ class BatchEngine:
             with self.cond:
                 self.waiting.extendleft(reversed(skipped))
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception as e:  # the new rows never joined the batch: fail them (the batch is untouched)
+                log.exception("engine %s failed a prefill", self.name)
+                for seq in admitted:
+                    self._finish(seq, "error", error=str(e))
 
     @property
     def net(self):

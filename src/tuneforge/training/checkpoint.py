@@ -53,7 +53,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2,
-                    scaler: torch.amp.GradScaler | None = None) -> Path:
+                    scaler: torch.amp.GradScaler | None = None, strategy=None) -> Path:
+    """Write `checkpoints/step-N/` (called by every rank when `strategy` spans several: see
+    `_save_distributed`)."""
+    if strategy is not None and strategy.world_size > 1:
+        return _save_distributed(run_dir, step, model, optimizer, scheduler, state, keep, scaler, strategy)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -78,6 +82,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         err = files.disk_error(e, tmp)
         kept = f"; kept {previous.name}" if previous else "; no earlier checkpoint exists"
         raise OutputError(f"checkpoint step {step} not written: {err}{kept}") from None
+    _publish(run_dir, root, tmp, final, keep)
+    return final
+
+
+def _publish(run_dir: Path, root: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rename a complete temporary checkpoint into place, then drop the oldest beyond `keep`."""
     if final.exists():
         files.remove_owned(final)
     os.rename(tmp, final)
@@ -86,10 +96,110 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         doomed = root / f".tmp-delete-{old.name}"
         os.rename(old, doomed)  # atomic: a crash mid-delete leaves a temporary, never a half `step-*`
         files.remove_owned(doomed)
-    # What crashes left: temporaries (a cut-short save or delete), and folders without their state.json.
+    sweep_leftovers(run_dir)
+
+
+def sweep_leftovers(run_dir: Path) -> None:
+    """Remove what crashes left in a run's checkpoints: temporaries (a cut-short save or prune) and `step-*`
+    folders without their state.json. Only the main rank (or one process) may call this."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
     for leftover in [*root.glob(".tmp-*"), *(p for p in root.glob("step-*") if not (p / STATE_FILE).is_file())]:
         files.remove_owned(leftover)
+
+
+def _rank_rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank:05d}.pt"
+
+
+def _save_distributed(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, scaler,
+                      strategy) -> Path:
+    """Every rank writes its part into the main rank's temporary folder (a filesystem all nodes share):
+    weights and optimizer state (the strategy's format: the main rank's files for replicated weights,
+    torch.distributed.checkpoint shards for sharded ones) and its own RNG state; the main rank adds
+    scheduler, scaler and state.json, then renames the folder once every rank has reported success."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    previous = latest_checkpoint(run_dir)
+    problem = None
+    if strategy.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                files.remove_owned(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            problem = files.disk_error(e, tmp)
+    if strategy.all_reduce_max(problem is not None):  # every rank learns that the folder is not there
+        problem = problem or "the main rank could not create the checkpoint folder"
+    else:
+        try:
+            strategy.save_model_and_optimizer(tmp, model, optimizer)  # collective
+            torch.save(rng_state(), tmp / _rank_rng_file(strategy.rank))
+            if strategy.is_main:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                if scaler is not None and scaler.is_enabled():
+                    torch.save(scaler.state_dict(), tmp / "grad_scaler.pt")
+        except (OSError, RuntimeError) as e:
+            problem = files.disk_error(e, tmp) if isinstance(e, OSError) else str(e)[:200]
+        if strategy.all_reduce_max(problem is not None) and problem is None:
+            problem = "another rank failed to write its part"
+    if problem is None and strategy.is_main:
+        try:
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "world_size": strategy.world_size,
+                                                      "strategy": strategy.name}, indent=1))
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+        except OSError as e:
+            problem = files.disk_error(e, tmp)
+    if strategy.all_reduce_max(problem is not None) and problem is None:
+        problem = "the main rank failed to finish the checkpoint"
+    if problem is not None:
+        if strategy.is_main:
+            files.remove_temporary(tmp)
+        kept = f"; kept {previous.name}" if previous else "; no earlier checkpoint exists"
+        raise OutputError(f"checkpoint step {step} not written: {problem}{kept}")
+    if strategy.is_main:
+        _publish(run_dir, root, tmp, final, keep)
+    strategy.barrier()  # no rank moves on (or reads list_checkpoints) before the rename
     return final
+
+
+def load_distributed(run_dir: Path, model, optimizer, scheduler, scaler, strategy) -> tuple[Path | None, dict, list[str]]:
+    """Every rank restores the newest checkpoint all ranks can read (weights and optimizer through the
+    strategy, its own RNG state); returns (path or None, state.json, a message per damaged one skipped)."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = None
+        try:
+            saved = read_state(path)
+            if saved.get("world_size", 1) != strategy.world_size:
+                raise CheckpointError(f"{path} was written by {saved.get('world_size', 1)} rank(s), this run has "
+                                      f"{strategy.world_size}; resume with the same number of processes")
+            small = {name: torch.load(path / name, weights_only=True)
+                     for name in ("scheduler.pt", _rank_rng_file(strategy.rank), "grad_scaler.pt")
+                     if name != "grad_scaler.pt" or (path / name).exists()}
+        except CheckpointError as e:
+            problem = str(e)
+        except Exception as e:  # a truncated or missing file
+            problem = f"{path} is damaged ({type(e).__name__}: {str(e)[:200]})"
+        if not strategy.all_reduce_max(problem is not None):
+            try:
+                strategy.load_model_and_optimizer(path, model, optimizer)  # collective
+            except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
+                problem = str(e)[:300]
+            if not strategy.all_reduce_max(problem is not None):
+                scheduler.load_state_dict(small["scheduler.pt"])
+                if scaler is not None and scaler.is_enabled() and "grad_scaler.pt" in small:
+                    scaler.load_state_dict(small["grad_scaler.pt"])
+                set_rng_state(small[_rank_rng_file(strategy.rank)])
+                return path, saved, skipped
+        skipped.append(problem or f"{path}: another rank could not read it")
+    return None, {}, skipped
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

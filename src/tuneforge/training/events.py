@@ -80,6 +80,7 @@ class RunSummary(BaseModel):
     tokens_seen: int
     tokens_per_second: float
     peak_rss_mb: float
+    predicted_peak_mb: float | None = None  # `tuneforge plan`'s prediction of peak_rss_mb, made before the run
     final_train_loss: float | None
     final_eval_loss: float | None
     final_eval_token_accuracy: float | None

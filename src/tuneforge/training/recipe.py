@@ -35,7 +35,7 @@ from tuneforge import files
 from tuneforge.data.batching import collate, collate_packed, real_tokens, split_by_tokens, step_groups
 from tuneforge.data.encode import EncodedData, encode_records
 from tuneforge.data.validate import validate_jsonl
-from tuneforge.distributed import SingleDevice, Strategy
+from tuneforge.distributed import ForwardLoss, Strategy, build_strategy
 from tuneforge.errors import CheckpointError, DataError, OutputError, SpecError, Stopped
 from tuneforge.hardware import autocast, grad_scaler, resolve_base_dtype, resolve_device, resolve_precision
 from tuneforge.methods.peft_builders import apply_method, base_weight_bytes, count_parameters
@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 # Fields that may change between a run and its resumption. max_steps / epochs only move where the run
 # stops (at most to the schedule's horizon, fixed at the start); output_dir is where the run now lies.
 RESUMABLE_CHANGES = {f"training.{k}" for k in ("max_steps", "epochs", "eval_every", "save_every", "log_every",
-                                                  "keep_checkpoints")} | {"output_dir"}
+                                                  "keep_checkpoints")} | {"output_dir"} | {
+    f"distributed.{k}" for k in ("node_rank", "master_addr", "master_port", "timeout_seconds")}
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -244,15 +245,16 @@ def _finished_summary(out: Path) -> RunSummary | None:
     return RunSummary.model_validate({**data, "output_dir": data.get("output_dir", str(out))})
 
 
-def save_final(model, tokenizer, method: str, out: Path) -> Path:
-    """Write `adapter/` (PEFT format) or `model/` (full fine-tuning), each with the tokenizer."""
+def save_final(model, tokenizer, method: str, out: Path, state_dict: dict | None = None) -> Path:
+    """Write `adapter/` (PEFT format) or `model/` (full fine-tuning), each with the tokenizer.
+    `state_dict`: the trained weights gathered from sharded ranks (the model's own tensors are shards)."""
     target = out / ("model" if method == "full" else "adapter")
     model.config.use_cache = True  # turned off for training; a saved model should generate with a KV cache
     tmp = out / f".tmp-{target.name}"
     try:
         if tmp.exists():
             files.remove_owned(tmp)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
     except (OSError, RuntimeError) as e:
         files.remove_temporary(tmp)
@@ -285,8 +287,12 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
     plan = plan_output(spec, resume, overwrite)
     out = plan.out
     device = resolve_device(spec.device)
-    strategy = strategy or SingleDevice(device)
+    owns_strategy = strategy is None
     autocast_dtype = resolve_precision(t.precision, device)
+    # Launched as one of several ranks: this joins their process group.
+    strategy = strategy or build_strategy(spec.distributed, device, batch_size=t.batch_size,
+                                          max_grad_norm=t.max_grad_norm, autocast_dtype=autocast_dtype)
+    device = strategy.device  # a rank's own GPU (LOCAL_RANK)
     base_dtype = resolve_base_dtype(t.base_dtype, spec.method, autocast_dtype)
     reports = check_data_files(spec)
     model_path = resolve_model(spec.model)
@@ -295,7 +301,8 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
         tokenizer.chat_template = spec.data.chat_template
     train_data, valid_data, warnings = prepare_data(spec, tokenizer, reports)
     lengths = [len(e.input_ids) for e in train_data.examples]
-    steps_per_epoch = len(step_groups(lengths, t.batch_size, t.grad_accum, t.seed, 0, t.group_by_length))
+    steps_per_epoch = len(step_groups(lengths, t.batch_size, t.grad_accum, t.seed, 0, t.group_by_length,
+                                      strategy.rank, strategy.world_size))
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     # The learning-rate schedule is fixed when a run starts; resuming may stop it earlier, not stretch it.
     schedule_steps = plan.checkpoint_state.get("schedule_steps", total_steps) if plan.resume else total_steps
@@ -314,13 +321,26 @@ def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_
 
     try:
         return _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, tokenizer, train_data,
-                    valid_data, warnings, lengths, total_steps, schedule_steps, stop_after, stop, emit, started)
+                    valid_data, warnings, lengths, total_steps, schedule_steps, stop_after, stop,
+                    emit if strategy.is_main else _silent, started)
+    except RuntimeError as e:  # a dead or silent peer: name it instead of a collective's traceback
+        diagnosis = strategy.diagnose(e)
+        if diagnosis is None:
+            raise
+        raise diagnosis from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: no step boundary to wait for
         latest = ckpt.latest_checkpoint(out) if out.is_dir() else None
         where = (f"the newest checkpoint is {latest.name}: continue with `tuneforge train {out} --resume`" if latest
                  else "nothing was saved, so there is nothing to resume")
         raise Stopped(f"interrupted ({stop.reason or 'KeyboardInterrupt'}) before a step boundary; {where}",
                       exit_code=143 if stop.reason == "SIGTERM" else 130) from None
+    finally:
+        if owns_strategy:
+            strategy.close()
+
+
+def _silent(kind: str, message: str, **kw) -> None:
+    """Events of ranks other than the main one: the main rank reports for all."""
 
 
 def _emitter(on_event: EventHandler | None):
@@ -347,28 +367,35 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
     model = build_model(spec, model_path, device, base_dtype, kernels)
     if kernels.loss == "chunked" and output_head(model) is None:  # e.g. prompt tuning: virtual tokens need logits
         kernels = replace(kernels, loss="library")
-    model = strategy.wrap(model)
     model.train()
     trainable, total = count_parameters(model)
     weight_bytes = base_weight_bytes(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = loss_fn_for(model, chunked=kernels.loss == "chunked")
-    optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    # forward(batch) -> (loss sum, correct) as one module, so DDP / FSDP2 / DeepSpeed see every forward
+    strategy.heartbeat("sharding the model")
+    forward = strategy.wrap(ForwardLoss(model, loss_fn_for(model, chunked=kernels.loss == "chunked")))
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2's shards, if sharded
+    optimizer = strategy.build_optimizer(params, lambda ps: build_optimizer(ps, t.optimizer, t.lr, t.weight_decay),
+                                         t.lr, t.weight_decay)
     scheduler = build_scheduler(optimizer, t.scheduler, t.warmup_ratio, schedule_steps)
     scaler = grad_scaler(device, autocast_dtype)
 
     # ---- resume
     step, epoch, step_in_epoch, tokens_seen = 0, 0, 0, 0
     if plan.resume:
-        found, skipped = ckpt.newest_readable(out)
+        strategy.heartbeat("loading the checkpoint")
+        if strategy.world_size > 1:  # every rank loads its part
+            found_path, state, skipped = ckpt.load_distributed(out, model, optimizer, scheduler, scaler, strategy)
+        else:
+            found, skipped = ckpt.newest_readable(out)
         for message in skipped:
             emit("warning", f"{message}; falling back to the checkpoint before it")
-        if found is None:
+        if (found_path if strategy.world_size > 1 else found) is None:
             raise CheckpointError(f"--resume: every checkpoint in {out / 'checkpoints'} is damaged: "
                                   + "; ".join(skipped))
-        state = ckpt.apply_checkpoint(found, model, optimizer, scheduler, scaler)
+        if strategy.world_size == 1:
+            state, found_path = ckpt.apply_checkpoint(found, model, optimizer, scheduler, scaler), found.path
         step, epoch, step_in_epoch, tokens_seen = state["step"], state["epoch"], state["step_in_epoch"], state["tokens_seen"]
-        emit("info", f"resuming from {found.path} (step {step}/{total_steps})")
+        emit("info", f"resuming from {found_path} (step {step}/{total_steps})")
 
     # ---- the output folder: everything above is checked, so now it may be prepared
     if strategy.is_main:
@@ -379,6 +406,7 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
             files.atomic_write_text(out / "spec.yaml", spec.model_copy(update={"output_dir": str(out)}).to_yaml())
         except OSError as e:
             raise files.disk_error(e, out) from None
+    strategy.check_peers()  # every rank is here and a collective works, or the silent rank is named
     metrics = MetricsLogger(out, resume_step=step) if strategy.is_main else None
     if metrics is not None and metrics.repaired:
         emit("warning", f"{metrics.path}: dropped {metrics.repaired} unreadable line(s) (a write cut short)")
@@ -386,10 +414,14 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
     emit("started",
          f"tuneforge: {spec.method} on {spec.model} ({model.config.model_type}), {trainable:,} trainable / "
          f"{total:,} params ({100 * trainable / max(total, 1):.2f}%), {len(train_data.examples)} train examples, "
-         f"{total_steps} steps, device {device}, precision {autocast_dtype or torch.float32}",
+         f"{total_steps} steps, device {device}, precision {autocast_dtype or torch.float32}"
+         + (f", {strategy.world_size} ranks ({strategy.name}), global batch {t.batch_size} x {t.grad_accum} x "
+            f"{strategy.world_size} = {t.batch_size * t.grad_accum * strategy.world_size}" if strategy.world_size > 1 else ""),
          step=step, total_steps=total_steps,
          data={"trainable_params": trainable, "total_params": total, "train_examples": len(train_data.examples),
-               "schedule_steps": schedule_steps, "kernels": kernels.as_dict()})
+               "schedule_steps": schedule_steps, "kernels": kernels.as_dict(),
+               "world_size": strategy.world_size, "strategy": strategy.name,
+               "global_batch": t.batch_size * t.grad_accum * strategy.world_size})
 
     # ---- train
     pad_id = tokenizer.pad_token_id
@@ -400,30 +432,42 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
     stop.armed = True  # from here a signal handler may defer to the step boundary
     try:
         while step < total_steps:
-            steps = step_groups(lengths, t.batch_size, t.grad_accum, t.seed, epoch, t.group_by_length)
+            # This rank's share of each step: micro-batches rank, rank + world, ... of the global step
+            steps = step_groups(lengths, t.batch_size, t.grad_accum, t.seed, epoch, t.group_by_length,
+                                strategy.rank, strategy.world_size)
             for micro_batches in steps[step_in_epoch:]:
                 tick = time.perf_counter()
+                strategy.heartbeat(f"step {step + 1}: forward/backward")
                 micro_batches = [part for mb in micro_batches
                                  for part in split_by_tokens(mb, lengths, t.micro_batch_tokens, t.packing)]
                 batches = [collate_packed([train_data.examples[i] for i in mb]) if t.packing
                            else collate([train_data.examples[i] for i in mb], pad_id) for mb in micro_batches]
+                step_tokens = sum(real_tokens(b) for b in batches)
+                if strategy.world_size > 1:  # equal forward counts on every rank (wrappers communicate in each)
+                    batches += [_empty_batch(train_data, pad_id, t.packing)] * (
+                        int(strategy.all_reduce_max(len(batches))) - len(batches))
                 # Normalise by the targets of the whole accumulated batch (across processes too).
                 n_targets = strategy.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
                 loss_sum = correct_sum = 0.0
-                for batch in batches:
+                for m, batch in enumerate(batches):
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast(device, autocast_dtype):
-                        loss, correct = loss_fn(batch)
-                    scaler.scale(loss / n_targets).backward()  # scale: identity unless fp16
+                    with strategy.accumulate(forward, is_last=m == len(batches) - 1):
+                        with autocast(device, autocast_dtype):
+                            loss, correct = forward(batch)
+                        # grad_scale undoes the wrappers' average over ranks (distributed/strategy.py)
+                        scaled = loss if strategy.grad_scale == 1 else loss * strategy.grad_scale
+                        strategy.backward(scaler.scale(scaled / n_targets))  # scale: identity unless fp16
                     loss_sum += loss.item()
                     correct_sum += correct.item()
-                    session_tokens += real_tokens(batch)
+                step_tokens = int(strategy.all_reduce_sum(step_tokens))  # the global batch's real tokens
+                session_tokens += step_tokens
+                strategy.heartbeat(f"step {step + 1}: optimizer step")
                 scaler.unscale_(optimizer)  # clip the true gradients
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item() if t.max_grad_norm else None
-                )
+                grad_norm = strategy.clip_grad_norm(params, t.max_grad_norm) if t.max_grad_norm else None
                 scaler.step(optimizer)  # skipped if fp16 gradients overflowed
                 scaler.update()
+                if grad_norm is None and t.max_grad_norm:  # DeepSpeed clips inside its step
+                    grad_norm = strategy.step_grad_norm()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -431,15 +475,18 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
                 session_steps += 1
                 train_seconds += time.perf_counter() - tick
                 last_loss = strategy.all_reduce_sum(loss_sum) / n_targets
-                tokens_seen += sum(real_tokens(b) for b in batches)
+                tokens_seen += step_tokens
 
                 is_last = step >= total_steps
                 record = {"train_loss": last_loss, "train_token_accuracy": strategy.all_reduce_sum(correct_sum) / n_targets,
                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "epoch": epoch + step_in_epoch / len(steps), "tokens_per_second": session_tokens / train_seconds}
                 if valid_data is not None and (step % t.eval_every == 0 or is_last):
-                    last_eval = dataset_loss(model, valid_data, t.batch_size, pad_id, device, autocast_dtype,
-                                             chunked=kernels.loss == "chunked")
+                    strategy.heartbeat(f"step {step}: validation")
+                    last_eval = (dataset_loss(model, valid_data, t.batch_size, pad_id, device, autocast_dtype,
+                                              chunked=kernels.loss == "chunked") if strategy.world_size == 1
+                                 else _wrapped_dataset_loss(forward, valid_data, t.batch_size, pad_id, device,
+                                                            autocast_dtype))
                     last_eval_step = step
                     record.update(last_eval)
                 if metrics is not None and (step % t.log_every == 0 or is_last or "eval_loss" in record):
@@ -448,14 +495,16 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
                      total_steps=total_steps, data=record)
                 if not is_last and stop_after is not None and session_steps >= stop_after:
                     stop_reason = "stop_after"
-                elif not is_last and stop:
-                    stop_reason = stop.reason
-                if strategy.is_main and (step % t.save_every == 0 or stop_reason or is_last):
+                elif not is_last and (stop if strategy.world_size == 1 else strategy.all_reduce_max(bool(stop))):
+                    stop_reason = stop.reason or "stopped on another rank"  # all ranks stop at the same step
+                # Every rank takes part in a checkpoint when there are several (sharded state, ZeRO-1's gather).
+                if (strategy.is_main or strategy.world_size > 1) and (step % t.save_every == 0 or stop_reason or is_last):
+                    strategy.heartbeat(f"step {step}: writing checkpoint")
                     path = ckpt.save_checkpoint(
                         out, step, model, optimizer, scheduler,
                         {"epoch": epoch, "step_in_epoch": step_in_epoch, "tokens_seen": tokens_seen,
                          "schedule_steps": schedule_steps},
-                        keep=t.keep_checkpoints, scaler=scaler,
+                        keep=t.keep_checkpoints, scaler=scaler, strategy=strategy if strategy.world_size > 1 else None,
                     )
                     emit("checkpoint", f"checkpoint {path.name}", step=step, total_steps=total_steps,
                          data={"path": str(path)})
@@ -509,9 +558,11 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
         wall_seconds=time.time() - started,
     )
     loss_text = f"loss {last_loss:.4f}, " if last_loss is not None else ""
+    strategy.heartbeat("gathering the final weights")
+    full_state = strategy.full_state_dict(model) if finished else None  # collective for sharded strategies
     if strategy.is_main:
         if finished:
-            summary.output = str(save_final(model, tokenizer, spec.method, out))
+            summary.output = str(save_final(model, tokenizer, spec.method, out, full_state))
             plot_loss_curve(out)
             summary.wall_seconds = time.time() - started
             files.atomic_write_text(out / "summary.json", summary.model_dump_json(indent=2))
@@ -523,3 +574,35 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
                  total_steps=total_steps, data={"reason": stop_reason})
     strategy.barrier()
     return summary
+
+
+def _empty_batch(data: EncodedData, pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    """A micro-batch with no targets (loss 0, gradient 0): keeps a rank in step with its peers when the
+    global step has fewer micro-batches than ranks x accumulation (the end of an epoch)."""
+    from tuneforge.data.encode import IGNORE_INDEX
+
+    example = data.examples[0]
+    batch = collate_packed([example]) if packing else collate([example], pad_id)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
+
+
+@torch.no_grad()
+def _wrapped_dataset_loss(forward, data: EncodedData, batch_size: int, pad_id: int, device, autocast_dtype) -> dict:
+    """`dataset_loss` through the wrapped forward (sharded weights are gathered only inside it); every
+    rank evaluates the whole validation set, in the same order."""
+    from tuneforge.training.loss import count_targets as targets_of
+
+    forward.eval()
+    order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].input_ids))
+    loss_sum = correct = targets = 0.0
+    for s in range(0, len(order), batch_size):
+        batch = collate([data.examples[i] for i in order[s : s + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, autocast_dtype):
+            loss, ok = forward(batch)
+        loss_sum += loss.item()
+        correct += ok.item()
+        targets += targets_of(batch["labels"])
+    forward.train()
+    return {"eval_loss": loss_sum / max(targets, 1), "eval_token_accuracy": correct / max(targets, 1)}

@@ -212,3 +212,36 @@ def test_stop_tokens_and_strings_and_sampling_seeds(llama):
         assert runs[0] == runs[1] != runs[2]
     finally:
         engine.stop()
+
+
+def test_tiny_top_p_or_temperature_is_greedy_and_a_failed_step_fails_only_its_requests(llama, monkeypatch):
+    """top_p=5e-324 (0 in float32) once emptied the distribution: torch.multinomial raised inside the prefill,
+    whose new rows were not yet in the batch, so they were never answered and their clients waited forever."""
+    model = load(llama)
+    engine = BatchEngine(model, name="t")
+    try:
+        greedy = solo(model, PROMPTS[0], 6)[0]
+        col = Collect()
+        engine.submit(Sequence(PROMPTS[0], None, SamplingParams(max_tokens=6, temperature=1.0, top_p=5e-324, seed=3),
+                               set(), col, lambda ids: ""))
+        assert col.done.wait(30), "a tiny top_p hung the request"
+        assert col.reason == "length" and col.ids == greedy  # nucleus of one token: the greedy one
+        col = Collect()  # a temperature of 5e-324 once divided the logits by float32 0: NaN, then a 500
+        engine.submit(Sequence(PROMPTS[0], None, SamplingParams(max_tokens=6, temperature=5e-324, seed=3),
+                               set(), col, lambda ids: ""))
+        assert col.done.wait(30) and col.reason == "length" and col.ids == greedy
+
+        import tuneforge.serving.engine as engine_module
+
+        real = engine_module.sample
+        monkeypatch.setattr(engine_module, "sample", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        bad, bad_c = seq(PROMPTS[1])
+        engine.submit(bad)
+        assert bad_c.done.wait(30), "a request whose prefill failed was never answered"
+        assert bad_c.reason == "error"
+        monkeypatch.setattr(engine_module, "sample", real)
+        good, good_c = seq(PROMPTS[0], max_tokens=6)
+        engine.submit(good)
+        assert good_c.done.wait(30) and good_c.ids == greedy  # the engine kept serving
+    finally:
+        engine.stop()

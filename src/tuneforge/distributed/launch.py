@@ -1,0 +1,136 @@
+"""Starting the ranks (torch.distributed.run's elastic launcher) and picking each rank's strategy.
+
+`tuneforge train SPEC --nproc N` runs `launch_ranks`: torch's elastic agent starts N copies of
+`python -m tuneforge.cli train SPEC ...` on this node, with RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT set, and watches them. Multi-node: every node runs the same command with
+its own `--node-rank`; node 0's agent hosts the rendezvous store at master_addr:master_port (the
+"static" rendezvous, as `torchrun --nnodes N --node-rank R --master-addr A --master-port P`).
+A rank that dies makes the agent stop the others; the error names the rank and how it ended.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+from tuneforge.distributed.strategy import DistributedError, SingleDevice, Strategy
+from tuneforge.errors import SpecError
+from tuneforge.spec import DistributedSpec
+
+
+def in_launched_rank() -> bool:
+    """Whether this process is one rank of a torch.distributed.run launch (or another launcher's)."""
+    # LOCAL_RANK too: a Kubernetes training operator sets RANK / WORLD_SIZE / MASTER_ADDR per *pod*, whose
+    # `tuneforge train` must still launch that node's ranks (k8s.py)
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(
+        k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def needs_launch(d: DistributedSpec | None) -> bool:
+    """The spec asks for ranks and we are not one yet: the CLI must start them."""
+    return d is not None and d.strategy != "none" and d.world_size > 1 and not in_launched_rank()
+
+
+def build_strategy(d: DistributedSpec | None, device: torch.device, *, batch_size: int = 1,
+                   max_grad_norm: float | None = None, autocast_dtype: torch.dtype | None = None) -> Strategy:
+    """The strategy for this process: SingleDevice outside a launch, else the spec's strategy
+    (DeepSpeed's config also takes the micro-batch size, clipping and autocast dtype)."""
+    if not in_launched_rank():
+        if d is not None and d.strategy != "none" and d.world_size > 1:
+            raise SpecError(f"distributed: nproc x nnodes = {d.world_size} processes are needed; start them with "
+                            "`tuneforge train SPEC` (it launches them) or torchrun, not from inside one process")
+        return SingleDevice(device)
+    world = int(os.environ["WORLD_SIZE"])
+    if d is None or d.strategy == "none":
+        if world > 1:
+            raise SpecError(f"the launcher started {world} ranks but the spec has no `distributed` section; add "
+                            "distributed: {strategy: ddp, nproc: N}")
+        return SingleDevice(device)
+    if world != d.world_size:
+        raise SpecError(f"distributed: nproc x nnodes = {d.nproc} x {d.nnodes} = {d.world_size}, but the launcher "
+                        f"started {world} ranks; make them agree")
+    if d.backend == "deepspeed":
+        from tuneforge.distributed.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(device, d, batch_size=batch_size, max_grad_norm=max_grad_norm,
+                                 autocast_dtype=autocast_dtype)
+    from tuneforge.distributed.torch_strategies import DDPStrategy, FSDPStrategy, ZeroOneStrategy
+
+    if d.strategy == "ddp":
+        return DDPStrategy(device, d.timeout_seconds)
+    if d.strategy == "zero1":
+        return ZeroOneStrategy(device, d.timeout_seconds)
+    return FSDPStrategy(device, d.timeout_seconds, reshard_after_forward=d.strategy == "zero3",
+                        offload=d.offload == "parameters")
+
+
+def rank_label() -> str:
+    """'[rank 1] ' inside a multi-rank launch, '' otherwise (prefixes a rank's error message)."""
+    if in_launched_rank() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"[rank {os.environ.get('RANK', '?')}] "
+    return ""
+
+
+def launch_ranks(d: DistributedSpec, rank_args: list[str], threads_per_rank: int | None = None) -> None:
+    """Run `python -m tuneforge.cli <rank_args>` as this node's `d.nproc` ranks and wait for them.
+
+    Raises DistributedError naming the first rank that failed (its own message is printed above
+    by the rank); its exit code is that rank's when it exited with one."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=d.nnodes, max_nodes=d.nnodes, nproc_per_node=d.nproc,
+        run_id=f"tuneforge-{d.master_port}", rdzv_backend="static",
+        rdzv_endpoint=f"{d.master_addr}:{d.master_port}",
+        rdzv_configs={"rank": d.node_rank, "timeout": int(d.timeout_seconds)},
+        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=10,
+    )
+    # Ranks on one node share its cores: one OpenMP team per rank, not one per core each.
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // d.nproc)
+    env_before = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the ranks inherit this process's environment
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "tuneforge.cli", *rank_args)
+    except ChildFailedError as e:
+        raise _failure_error(e, d) from None
+    except SignalException as e:  # Ctrl-C / SIGTERM: the agent passed it on; ranks stop at a step boundary
+        from tuneforge.errors import Stopped
+
+        raise Stopped(f"{e.sigval.name}: the ranks were asked to stop (each finishes its step and writes a "
+                      "checkpoint when it can); continue with `tuneforge train RUN_DIR --resume`",
+                      exit_code=128 + int(e.sigval)) from None
+    except (RendezvousError, RuntimeError, ValueError) as e:  # node 0 unreachable, the port taken, a timeout
+        raise DistributedError(f"node {d.node_rank}: the rendezvous at {d.master_addr}:{d.master_port} failed: "
+                               f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    finally:
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _failure_error(e, d: DistributedSpec) -> DistributedError:
+    first_rank, first = e.get_first_failure()
+    lines = []
+    for rank, f in sorted(e.failures.items()):
+        if f.exitcode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-f.exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-f.exitcode}"
+        else:
+            how = f"exited with code {f.exitcode}"
+        lines.append(f"rank {rank} (node {d.node_rank}, local rank {f.local_rank}, pid {f.pid}) {how}")
+    err = DistributedError(
+        f"{len(e.failures)} rank(s) failed, first rank {first_rank}: " + "; ".join(lines)
+        + " (each rank's own message is above). Continue from the newest checkpoint with "
+          "`tuneforge train RUN_DIR --resume` (same --nproc)")
+    if first.exitcode > 0:
+        err.exit_code = first.exitcode
+    return err

@@ -1,0 +1,87 @@
+"""What a training process costs before its model exists: measured once per machine and library versions.
+
+A CPU run's peak RSS is this baseline (Python, torch, transformers, peft, bitsandbytes, TensorBoard's writer,
+the tokenizer, OpenMP's thread pools, matplotlib for the loss curve drawn at the end) plus the live tensors the probe measures (planning/probe.py). It is
+measured in a child process that imports exactly what `tuneforge train` imports, loads the tokenizer and
+runs one tiny matmul in every intra-op thread, and is cached under $TUNEFORGE_CACHE/plan/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tuneforge.errors import TuneforgeError
+
+CACHE_VERSION = 2
+
+
+def _baseline_child(tokenizer_path: str) -> None:
+    import resource
+
+    import torch
+
+    import tuneforge.inference  # noqa: F401  (what `tuneforge train` imports through the API)
+    import tuneforge.training.recipe  # noqa: F401
+    from tuneforge.training.metrics import MetricsLogger  # noqa: F401
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (the run's metrics writer)
+    except ImportError:
+        pass
+    import peft  # noqa: F401
+
+    if tokenizer_path:
+        from tuneforge.models import load_tokenizer
+
+        load_tokenizer(Path(tokenizer_path))
+    import matplotlib  # the loss curve drawn at the end of a run (training/metrics.plot_loss_curve)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot([0, 1], [1, 0])
+    fig.canvas.draw()
+    plt.close(fig)
+    a = torch.randn(256, 256)
+    for _ in range(4):  # start the intra-op thread pool
+        a = (a @ a).tanh_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (a @ a).sum()
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def process_baseline_mb(tokenizer_path: Path | None = None, *, threads: int | None = None, use_cache: bool = True) -> float:
+    """Peak RSS (MB) of a process set up for training, before any model: the CPU baseline."""
+    import os
+
+    import torch
+    import transformers
+
+    from tuneforge.files import atomic_write_text
+    from tuneforge.models.load import cache_dir
+
+    has_tokenizer = tokenizer_path is not None and any(
+        (Path(tokenizer_path) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    tok = str(Path(tokenizer_path).resolve()) if has_tokenizer else ""
+    threads = threads or torch.get_num_threads()
+    key = json.dumps({"v": CACHE_VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
+                      "python": sys.version, "tokenizer": tok, "threads": threads})
+    path = cache_dir() / "plan" / f"baseline-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    if use_cache and path.is_file():
+        try:
+            return float(json.loads(path.read_text())["rss_mb"])
+        except (OSError, ValueError, KeyError):
+            pass
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", f"from tuneforge.planning.calibrate import _baseline_child; "
+                           f"_baseline_child({tok!r})"], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        raise TuneforgeError(f"could not measure the process baseline: {proc.stderr.strip()[-500:]}")
+    rss = float(json.loads(proc.stdout.strip().splitlines()[-1])["rss_mb"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"rss_mb": rss, "key": json.loads(key)}))
+    return rss

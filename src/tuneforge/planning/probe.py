@@ -1,0 +1,451 @@
+"""The calibration micro-benchmark: real training steps of a 1-layer and a deeper cut of the model.
+
+Activation memory depends on everything the engine does in forward and backward (bf16 autocast, the
+chunked loss, the fused RMSNorm and LoRA nodes, byte-mask dropout, DoRA's weight norm, QLoRA's 4-bit
+layers, gradient checkpointing, packing), and hand-written formulas drift from it with every change. So the
+planner runs the engine itself: the model's config cut to 1 and to `timing_layers` decoder layers at full
+width, random weights, built with the recipe's own steps (apply_method, install_kernels), training steps of
+the run's micro-batch shape with the run's optimizer, in a child process of its own. Per cut it records
+- the live-tensor peak of a steady-state step (optimizer state already allocated): `LiveBytes`, the same
+  bookkeeping as torch's MemTracker (every storage an op creates, until it is freed);
+- the bytes autograd saves for backward (saved-tensor hooks): the activations;
+- how far the process's resident set grows over the steps (Linux VmHWM, reset before them, after the heap's
+  free pages went back to the OS): live tensors plus the allocator's slack, which is what a CPU run's peak
+  RSS is made of;
+- the wall time of forward + backward and of the optimizer step (one timed step after a warm-up step).
+Per-layer figures are the difference of the two cuts, so the whole model's are linear extrapolations in the
+layer count. Micro-batches over `probe_token_cap` tokens are probed at the cap and at half of it and
+extrapolated linearly in tokens (the planner scales time by FLOPs, keeping attention's quadratic part).
+Results are cached under $TUNEFORGE_CACHE/plan/ keyed by config, run shape, machine and library versions.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from tuneforge.planning.estimate import config_fingerprint, with_layers
+
+PROBE_TOKENS = 2048  # largest micro-batch probed directly (tokens); larger ones are extrapolated
+PROBE_FLOPS = 1e12  # and at most this many FLOPs per probe step (about a second on 2 cores)
+CACHE_VERSION = 8
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """Everything about a run that moves its memory or its step time."""
+
+    method: str
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: str | tuple = "all-linear"
+    num_virtual_tokens: int = 20
+    kernels: tuple = ()  # resolved Kernels as sorted (part, choice) pairs
+    autocast: str = "bfloat16"  # "float32" for none
+    base_dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 1
+    packing: bool = False
+    rows: int = 4  # micro-batch rows (batch_size, or the split micro_batch_tokens gives)
+    seq_len: int = 512
+    optimizer: str = "adamw"
+    device: str = "cpu"
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq_len
+
+
+@dataclass
+class ProbePoint:
+    layers: int
+    rows: int
+    seq_len: int
+    peak_live_bytes: int
+    saved_bytes: int
+    forward_backward_seconds: float
+    optimizer_seconds: float
+    categories: dict = field(default_factory=dict)
+    rss_growth_bytes: int = 0  # resident-set high-water mark over the steps minus the RSS before them
+
+
+def _machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    except OSError:
+        pass
+    import transformers
+
+    return {"cpu": cpu or platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _quantize_linears(model, head, compute_dtype: torch.dtype) -> None:
+    """Replace every nn.Linear but the output head by bitsandbytes' NF4 Linear4bit (double-quantised), as
+    loading a QLoRA run's pre-quantised checkpoint produces."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, child_name, q.to("cpu"))
+    model.is_loaded_in_4bit = True
+
+
+def _status_kib(field_name: str) -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _rss_high_water_mark() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def _reset_rss_high_water_mark() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS (proc(5))."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _release_free_memory() -> None:
+    """Return the heap's free pages to the OS (glibc malloc_trim), so each probe starts from what is live."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def build_probe_model(config, shape: RunShape, layers: int):
+    """The run's model (recipe.build_model's steps) on a `layers`-layer cut of `config`, random weights."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods.peft_builders import apply_method
+    from tuneforge.models.attention import use_packed_attention
+    from tuneforge.spec import AdapterSpec
+    from tuneforge.training.kernels import Kernels, install_kernels
+
+    cfg = with_layers(config, layers)
+    cfg.use_cache = False
+    base_dtype = getattr(torch, shape.base_dtype)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=base_dtype)
+    model.config.use_cache = False
+    kernels = Kernels(**dict(shape.kernels))
+    install_kernels(model, kernels, before_peft=True)
+    if shape.method == "qlora":
+        head = model.get_output_embeddings()
+        _quantize_linears(model, head, torch.bfloat16 if base_dtype == torch.bfloat16 else torch.float32)
+    if shape.packing:
+        use_packed_attention(model)
+    targets = shape.target_modules if isinstance(shape.target_modules, str) else list(shape.target_modules)
+    adapter = AdapterSpec(r=shape.r, alpha=shape.alpha, dropout=shape.dropout, target_modules=targets,
+                          num_virtual_tokens=shape.num_virtual_tokens)
+    model = apply_method(model, shape.method, adapter, gradient_checkpointing=shape.gradient_checkpointing,
+                         checkpoint_every=shape.checkpoint_every)
+    install_kernels(model, kernels, before_peft=False)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    model.train()
+    return model, kernels
+
+
+def _batch(vocab: int, rows: int, seq_len: int, packing: bool, generator: torch.Generator) -> dict:
+    ids = torch.randint(0, vocab, (rows, seq_len), generator=generator)
+    if packing:
+        starts = [i * seq_len for i in range(rows)]
+        return {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1).clone(),
+                "position_ids": torch.arange(seq_len).repeat(rows)[None],
+                "cu_seq_lens_q": torch.tensor(starts + [rows * seq_len])}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live tensor bytes while active: every storage an op creates is counted until it is freed (a weak
+    reference's callback), on top of the storages registered with `add_existing`; `peak` is the maximum.
+    The same bookkeeping as torch.distributed._tools.mem_tracker.MemTracker, without its per-module hooks
+    (which need every parameter to require grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self._refs = WeakIdKeyDictionary()
+        self.start = self.current = self.peak = 0
+
+    def _track(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta" or t.is_sparse:
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+            return
+        if st in self._refs:
+            return
+        size = st.nbytes()
+        self._refs[st] = weakref.ref(st, functools.partial(self._freed, size))
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def _freed(self, size: int, _ref) -> None:
+        self.current -= size
+
+    def add_existing(self, tensors) -> None:
+        for t in tensors:
+            self._track(t)
+        self.start = self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def probe_point(config, shape: RunShape, layers: int, rows: int, seq_len: int, repeats: int = 1) -> ProbePoint:
+    """Build the cut model, run a warm-up step, time `repeats` steps (best), then track one step's memory."""
+    from tuneforge.hardware import autocast
+    from tuneforge.training.loss import count_targets, loss_fn_for, output_head
+    from tuneforge.training.recipe import build_optimizer
+
+    device = torch.device(shape.device)
+    _release_free_memory()
+    model, kernels = build_probe_model(config, shape, layers)
+    chunked = kernels.loss == "chunked" and output_head(model) is not None
+    loss_fn = loss_fn_for(model, chunked=chunked)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, shape.optimizer, 1e-4, 0.0)
+    ac = None if shape.autocast == "float32" else getattr(torch, shape.autocast)
+    batch = _batch(config.vocab_size, rows, seq_len, shape.packing, torch.Generator().manual_seed(0))
+    n_targets = count_targets(batch["labels"])
+
+    def forward_backward():
+        with autocast(device, ac):
+            loss, _ = loss_fn(batch)
+        (loss / n_targets).backward()
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    _release_free_memory()
+    rss_before = _rss_bytes()
+    _reset_rss_high_water_mark()
+    forward_backward()
+    optimizer_step()  # allocates the optimizer state: later steps are the steady state
+    fb = opt = float("inf") if repeats else 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward_backward()
+        t1 = time.perf_counter()
+        optimizer_step()
+        t2 = time.perf_counter()
+        fb, opt = min(fb, t1 - t0), min(opt, t2 - t1)
+
+    saved: dict[int, int] = {}
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            if st.data_ptr() not in param_storages:
+                saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    tracker = LiveBytes()
+    tracker.add_existing([*model.parameters(), *model.buffers(),
+                          *(v for state in optimizer.state.values() for v in state.values()
+                            if isinstance(v, torch.Tensor))])
+    with tracker:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward_backward()
+        after_backward = tracker.current
+        optimizer_step()
+    rss_growth = max(0, _rss_high_water_mark() - rss_before) if rss_before else 0
+    categories = {"static": tracker.start, "peak": tracker.peak, "after_backward": after_backward,
+                  "rss_growth": rss_growth}
+    del model, optimizer, params
+    return ProbePoint(layers, rows, seq_len, tracker.peak, sum(saved.values()), fb, opt, categories, rss_growth)
+
+
+@dataclass
+class ProbeResult:
+    """Whole-model figures for one run shape, extrapolated from the probe points."""
+
+    peak_live_bytes: int
+    saved_bytes: int  # activations kept for backward
+    forward_backward_seconds: float  # of the whole model, at the probed batch (probe_rows x probe_seq_len)
+    optimizer_seconds: float
+    points: list
+    probe_rows: int = 0
+    probe_seq_len: int = 0
+    rss_growth_bytes: int = 0  # CPU: how far the process's resident set grows over training steps
+    cached: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cache_path(key: dict):
+    from tuneforge.models.load import cache_dir
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir() / "plan" / f"probe-{digest}.json"
+
+
+def probe_token_cap(config) -> int:
+    """Tokens per probe step: PROBE_TOKENS, fewer for wide models (2-layer cut's FLOPs within PROBE_FLOPS)."""
+    from tuneforge.planning.estimate import meta_model
+
+    cut = meta_model(with_layers(config, 2))
+    weights = sum(p.numel() for p in cut.parameters())
+    return int(max(64, min(PROBE_TOKENS, PROBE_FLOPS / (8 * weights))))
+
+
+def timing_layers(config) -> int:
+    """Layers of the second cut: 2, or as many as make their matmul weights match the output head's
+    (a SmolLM2 layer is 1/8 of its head), at most the model's own layer count."""
+    from tuneforge.planning.estimate import meta_model
+
+    one = meta_model(with_layers(config, 1))
+    head = one.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
+    layer_params = sum(p.numel() for p in one.model.layers[0].parameters()) if hasattr(one, "model") else 1
+    return int(max(2, min(config.num_hidden_layers, 1 + -(-head_params // max(layer_params, 1)))))
+
+
+def probe(config, shape: RunShape, *, use_cache: bool = True) -> ProbeResult:
+    """Probe `shape` on `config` (see the module docstring) in a child process; cached.
+
+    A child process because the probe measures how far a process's resident set grows, which needs a heap of
+    its own, and because QLoRA runs set the allocator's mmap threshold process-wide (training/allocator.py),
+    which the probe must do too but its caller must not."""
+    import subprocess
+    import sys
+
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.files import atomic_write_text
+
+    key = {"v": CACHE_VERSION, "config": config_fingerprint(config), "shape": asdict(shape), "machine": _machine()}
+    path = _cache_path(key)
+    if use_cache and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return ProbeResult(**{**data, "cached": True})
+        except (OSError, ValueError, TypeError):
+            pass
+    request = json.dumps({"config": config.to_dict(), "shape": asdict(shape)}, default=str)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", "from tuneforge.planning.probe import _child; _child()"],
+                          input=request, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise TuneforgeError(f"the planner's calibration probe failed for {shape.method}: "
+                             f"{proc.stderr.strip()[-800:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = ProbeResult(**data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result.as_dict()))
+    return result
+
+
+def _child() -> None:
+    """The probe's child process: read {config, shape} on stdin, print the ProbeResult as JSON."""
+    import sys
+    import warnings
+
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    request = json.loads(sys.stdin.read())
+    config_dict = dict(request["config"])
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    shape_dict = request["shape"]
+    shape_dict["kernels"] = tuple(tuple(kv) for kv in shape_dict["kernels"])
+    if isinstance(shape_dict["target_modules"], list):
+        shape_dict["target_modules"] = tuple(shape_dict["target_modules"])
+    shape = RunShape(**shape_dict)
+    if shape.method == "qlora" and shape.device == "cpu":
+        from tuneforge.training.allocator import return_big_buffers_to_os
+
+        return_big_buffers_to_os()  # as `tuneforge train` does for QLoRA on CPU (cli.cmd_train)
+    print(json.dumps(_probe_here(config, shape).as_dict()))
+
+
+def _probe_here(config, shape: RunShape) -> ProbeResult:
+    layers = config.num_hidden_layers
+    tokens = shape.tokens
+    rows, seq = shape.rows, shape.seq_len
+    cap = probe_token_cap(config)
+    if tokens > cap:  # probe a smaller batch of the same row length (or shorter rows)
+        rows = max(1, cap // seq)
+        seq = min(seq, cap)
+    deep = timing_layers(config)  # the second cut: enough layers that their time stands out of the head's
+    big = [probe_point(config, shape, n, rows, seq) for n in (1, deep)]
+    points = list(big)
+
+    def whole(v1: float, v2: float) -> float:  # linear in the layer count, through the two cuts
+        return v1 + (v2 - v1) * (layers - 1) / (deep - 1)
+
+    peak = whole(big[0].peak_live_bytes, big[1].peak_live_bytes)
+    # the first cut also pays one-time costs (kernel caches, the autograd engine): never a negative slope
+    growth = (big[1].rss_growth_bytes if deep == layers  # the cut is the whole model: nothing to extrapolate
+              else whole(big[0].rss_growth_bytes, max(big[0].rss_growth_bytes, big[1].rss_growth_bytes)))
+    saved = whole(big[0].saved_bytes, big[1].saved_bytes)
+    fb = whole(big[0].forward_backward_seconds, big[1].forward_backward_seconds)
+    if big[1].forward_backward_seconds <= big[0].forward_backward_seconds:  # timing noise swamped the layers:
+        fb = big[1].forward_backward_seconds * layers / deep  # scale the deeper cut instead (overestimates the head)
+    opt = max(0.0, whole(big[0].optimizer_seconds, big[1].optimizer_seconds))
+    probed_tokens = rows * seq
+    if probed_tokens < tokens:  # memory is linear in tokens: a second pair at half the rows (or half the length)
+        rows2, seq2 = (rows // 2, seq) if rows > 1 else (rows, seq // 2)
+        small = [probe_point(config, shape, n, rows2, seq2, repeats=0) for n in (1, deep)]
+        points += small
+        t_small = rows2 * seq2
+        frac = (tokens - probed_tokens) / (probed_tokens - t_small)
+        peak = peak + (peak - whole(small[0].peak_live_bytes, small[1].peak_live_bytes)) * frac
+        growth_small = (small[1].rss_growth_bytes if deep == layers else
+                        whole(small[0].rss_growth_bytes, max(small[0].rss_growth_bytes, small[1].rss_growth_bytes)))
+        growth = growth + max(0.0, growth - growth_small) * frac
+        saved = saved + (saved - whole(small[0].saved_bytes, small[1].saved_bytes)) * frac
+    return ProbeResult(int(peak), int(saved), fb, opt, [asdict(p) for p in points], rows, seq, int(growth))
+
+
+def process_threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads()

@@ -1,0 +1,154 @@
+"""The real CLI launching ranks through torch.distributed.run: `--nproc 2`, two nodes on localhost,
+a rank killed with SIGKILL then `--resume`, and a hung rank reported within the timeout."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.distributed.conftest import cli, dist_spec, metrics
+from tests.distributed.ranks import free_port
+
+pytestmark = pytest.mark.distributed
+
+
+def _write(spec: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _single(tiny_models, dist_data, tmp_path, **training) -> list[dict]:
+    from tuneforge.spec import build_spec
+    from tuneforge.training.recipe import train
+
+    train(build_spec(dist_spec(tiny_models["llama"], dist_data, tmp_path / "single", **training)))
+    return metrics(tmp_path / "single")
+
+
+def _assert_same_losses(a: list[dict], b: list[dict]) -> None:
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-4, (x, y)
+
+
+def test_two_nodes_on_localhost_write_one_output(tiny_models, dist_data, tmp_path):
+    """Two launcher invocations (node ranks 0 and 1, one rank each) rendezvous and train as one job."""
+    spec = dist_spec(tiny_models["llama"], dist_data, tmp_path / "run", world=2, distributed={"strategy": "zero3"})
+    spec["distributed"].update({"nproc": 1, "nnodes": 2})
+    job = _write(spec, tmp_path / "job.yaml")
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    nodes = [subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(job), "--quiet", "--node-rank",
+                               str(n), "--master-port", port], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for n in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "done: step 4/4" in outs[0][1] and "done:" not in outs[1][1]
+    _assert_same_losses(_single(tiny_models, dist_data, tmp_path), metrics(tmp_path / "run"))
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """{RANK: pid} of the launcher's worker processes."""
+    found = {}
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_bytes().decode().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(child)
+    return found
+
+
+def _start(job: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(job), "--quiet",
+                             "--master-port", str(free_port()), *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(run: Path, proc: subprocess.Popen, done, seconds: float = 120) -> None:
+    """Until metrics.jsonl's last step satisfies `done`."""
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run never got there"
+        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+        if lines and lines[-1].endswith("}") and done(int(lines[-1].split('"step": ')[1].split(",")[0])):
+            return
+        time.sleep(0.05)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_killed_rank_is_named_and_resume_equals_uninterrupted(tiny_models, dist_data, tmp_path):
+    """`--nproc 2` launches the ranks (the spec names only the strategy); SIGKILL of rank 1 mid-run is
+    reported by rank number and signal; `--resume` continues, SIGTERM stops every rank at one step with a
+    checkpoint, `--resume` again finishes: the whole trajectory matches 1 process."""
+    steps = 60
+    spec = dist_spec(tiny_models["llama"], dist_data, tmp_path / "run", world=2, distributed={"strategy": "zero3"},
+                     max_steps=steps, save_every=2)
+    del spec["distributed"]["nproc"]
+    proc = _start(_write(spec, tmp_path / "job.yaml"), "--nproc", "2")
+    _wait_for(tmp_path / "run" / "checkpoints" / "step-000004", proc)
+    os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1" in err and "was killed by SIGKILL" in err, err[-3000:]
+    assert "Traceback" not in err.split("rank(s) failed")[-1]
+    assert not (tmp_path / "run" / "summary.json").exists()
+    saved = yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())
+    assert saved["distributed"]["nproc"] == 2 and saved["distributed"]["strategy"] == "zero3"
+    # SIGTERM to the launcher: every rank stops at the same step boundary with one checkpoint, exit 143
+    proc = _start(tmp_path / "run", "--resume")
+    _wait_for_step(tmp_path / "run", proc, lambda n: n >= 8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped at step" in err and "Traceback" not in err, err[-3000:]
+    stopped_at = max(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert 8 <= stopped_at < steps
+    again = cli("train", str(tmp_path / "run"), "--resume", "--master-port", str(free_port()))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(f"done: step {steps}/{steps}") == 1, again.stderr[-2000:]  # the main rank reports
+    assert "2 ranks (zero3), global batch 2 x 1 x 2 = 4" in again.stderr
+    _assert_same_losses(_single(tiny_models, dist_data, tmp_path, max_steps=steps, save_every=2),
+                        metrics(tmp_path / "run"))
+
+
+def test_hung_rank_fails_the_run_within_the_timeout_naming_it(tiny_models, dist_data, tmp_path):
+    timeout = 8
+    spec = dist_spec(tiny_models["llama"], dist_data, tmp_path / "run", world=2, distributed={"strategy": "ddp"},
+                     max_steps=200, save_every=2)
+    spec["distributed"]["timeout_seconds"] = timeout
+    proc = _start(_write(spec, tmp_path / "job.yaml"))
+    _wait_for(tmp_path / "run" / "checkpoints" / "step-000002", proc)
+    hung = _rank_pids(proc.pid)[1]
+    os.kill(hung, signal.SIGSTOP)  # alive but silent: holds its sockets open, answers nothing
+    started = time.time()
+    try:
+        for line in proc.stderr:
+            if line.startswith("error: "):
+                break
+        waited = time.time() - started
+    finally:
+        # The launcher would wait 30 s for the stopped rank to honour SIGTERM before its SIGKILL.
+        os.kill(hung, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert waited < timeout + 10, waited
+    assert line.startswith("error: rank 0: ") and "rank 1 last reported 'step" in line, line
+    assert "a collective failed while 'step" in line
