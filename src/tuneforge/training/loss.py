@@ -131,15 +131,18 @@ def loss_fn_for(model, chunked: bool = True):
 
 
 @torch.no_grad()
-def dataset_loss(model, data, batch_size: int, pad_id: int, device, autocast_dtype, chunked: bool = True) -> dict[str, float]:
+def dataset_loss(model, data, batch_size: int, pad_id: int, device, autocast_dtype, chunked: bool = True,
+                 loss_fn=None) -> dict[str, float]:
     """Teacher-forced loss (nats per target token) and next-token accuracy over a whole encoded dataset
-    (`data.examples`), batched by length; the model is left in the mode it was in."""
+    (`data.examples`), batched by length; the model is left in the mode it was in. `loss_fn`: a batch ->
+    (loss sum, correct) callable to use instead of the model's own (a distributed strategy's wrapped forward,
+    which gathers sharded weights; `model` is then the module to switch to eval mode)."""
     from tuneforge.data.batching import collate
     from tuneforge.hardware import autocast
 
     was_training = model.training
     model.eval()
-    loss_fn = loss_fn_for(model, chunked)
+    loss_fn = loss_fn or loss_fn_for(model, chunked)
     order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].input_ids))
     loss_sum = correct = targets = 0.0
     for s in range(0, len(order), batch_size):

@@ -483,10 +483,11 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
                           "epoch": epoch + step_in_epoch / len(steps), "tokens_per_second": session_tokens / train_seconds}
                 if valid_data is not None and (step % t.eval_every == 0 or is_last):
                     strategy.heartbeat(f"step {step}: validation")
-                    last_eval = (dataset_loss(model, valid_data, t.batch_size, pad_id, device, autocast_dtype,
-                                              chunked=kernels.loss == "chunked") if strategy.world_size == 1
-                                 else _wrapped_dataset_loss(forward, valid_data, t.batch_size, pad_id, device,
-                                                            autocast_dtype))
+                    # Distributed: through the wrapped forward (sharded weights are gathered only inside it);
+                    # every rank evaluates the whole validation set, in the same order.
+                    last_eval = dataset_loss(forward if strategy.world_size > 1 else model, valid_data, t.batch_size,
+                                             pad_id, device, autocast_dtype, chunked=kernels.loss == "chunked",
+                                             loss_fn=forward if strategy.world_size > 1 else None)
                     last_eval_step = step
                     record.update(last_eval)
                 if metrics is not None and (step % t.log_every == 0 or is_last or "eval_loss" in record):
@@ -585,24 +586,3 @@ def _empty_batch(data: EncodedData, pad_id: int, packing: bool) -> dict[str, tor
     batch = collate_packed([example]) if packing else collate([example], pad_id)
     batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
     return batch
-
-
-@torch.no_grad()
-def _wrapped_dataset_loss(forward, data: EncodedData, batch_size: int, pad_id: int, device, autocast_dtype) -> dict:
-    """`dataset_loss` through the wrapped forward (sharded weights are gathered only inside it); every
-    rank evaluates the whole validation set, in the same order."""
-    from tuneforge.training.loss import count_targets as targets_of
-
-    forward.eval()
-    order = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].input_ids))
-    loss_sum = correct = targets = 0.0
-    for s in range(0, len(order), batch_size):
-        batch = collate([data.examples[i] for i in order[s : s + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, autocast_dtype):
-            loss, ok = forward(batch)
-        loss_sum += loss.item()
-        correct += ok.item()
-        targets += targets_of(batch["labels"])
-    forward.train()
-    return {"eval_loss": loss_sum / max(targets, 1), "eval_token_accuracy": correct / max(targets, 1)}
