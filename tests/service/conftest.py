@@ -193,3 +193,28 @@ def tiny_job(**training) -> dict:
     """The tuneforge extension for a few fast fp32 steps on the tiny model."""
     return {"tuneforge": {"training": {"max_steps": 4, "save_every": 2, "precision": "fp32", "max_seq_len": 128,
                                        **training}}}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A migrated Store on a fresh SQLite file or PostgreSQL database (skipped when none is reachable)."""
+    from tuneforge.service.storage.store import Store
+
+    name = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'nul.db'}"
+    else:
+        from tests.service.conftest import create_pg_database
+
+        made = create_pg_database()
+        if made is None:
+            pytest.skip("PostgreSQL not available here")
+        url, name = made
+    store = Store(url)
+    store.migrate()
+    yield store
+    store.dispose()
+    if name:
+        from tests.service.conftest import drop_pg_database
+
+        drop_pg_database(name)

@@ -65,30 +65,6 @@ def test_405_names_every_method_served_at_the_path(app):
             assert r.json()["error"]["message"] == f"Method {method} not allowed on {path}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    from tuneforge.service.storage.store import Store
-
-    name = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'nul.db'}"
-    else:
-        from tests.service.conftest import create_pg_database
-
-        made = create_pg_database()
-        if made is None:
-            pytest.skip("PostgreSQL not available here")
-        url, name = made
-    store = Store(url)
-    store.migrate()
-    yield store
-    store.dispose()
-    if name:
-        from tests.service.conftest import drop_pg_database
-
-        drop_pg_database(name)
-
-
 def test_nul_in_a_client_value_is_not_found_on_both_databases(store):
     # PostgreSQL text cannot hold NUL: these were 500s there (psycopg refuses the query) and 404/400 on SQLite.
     from tuneforge.service.storage.store import now

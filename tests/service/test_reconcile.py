@@ -7,32 +7,10 @@ from __future__ import annotations
 import json
 import secrets
 
-import pytest
-
 from tests.service.test_claims import _job_row
 from tuneforge.files import RUN_MARKER
 from tuneforge.service.context import ServiceContext
 from tuneforge.service.runner import JobEvents
-from tuneforge.service.storage.store import Store
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        url, name = f"sqlite:///{tmp_path / 'r.db'}", None
-    else:
-        from tests.service.conftest import create_pg_database, drop_pg_database
-
-        made = create_pg_database()
-        if made is None:
-            pytest.skip("PostgreSQL not available here")
-        url, name = made
-    s = Store(url)
-    s.migrate()
-    yield s
-    s.dispose()
-    if name:
-        drop_pg_database(name)
 
 
 def checkpoint(run, step: int, complete: bool = True):
