@@ -10,6 +10,9 @@ gradients, 3x the weights for full fine-tuning with AdamW). On 2 cores these run
 speed. Run alone:
 
     flock /tmp/tuneforge-bench.lock .venv/bin/python bench/distributed_memory.py > bench/results/distributed_memory.json
+
+`--model FOLDER` runs the same configurations on another model (e.g. a tiny one, to check the script itself
+in seconds: `--model runs/tiny-llama --only zero1:torch`).
 """
 from __future__ import annotations
 
@@ -71,9 +74,10 @@ def _ranks(parent: int) -> dict[int, int]:
     return found
 
 
-def run(strategy: str, backend: str | None, data: Path, work: Path, steps: int) -> dict:
+def run(strategy: str, backend: str | None, data: Path, work: Path, steps: int,
+        model: str = "smollm2-135m-instruct") -> dict:
     name, _, offload = strategy.partition("+")
-    spec = {"model": "smollm2-135m-instruct", "task": "chat", "data": {"train": str(data)}, "method": "full",
+    spec = {"model": model, "task": "chat", "data": {"train": str(data)}, "method": "full",
             "training": {"max_steps": steps, "batch_size": 1, "lr": 1e-5, "precision": "fp32", "max_seq_len": 128,
                          "save_every": 1000, "eval_every": 1000, "warmup_ratio": 0.0},
             "device": "cpu", "output_dir": str(work / f"{strategy}-{backend}")}
@@ -112,6 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="configs as STRATEGY:BACKEND, e.g. zero3:torch none:")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model alias or folder (default: SmolLM2)")
     args = ap.parse_args()
     configs = [c for c in CONFIGS if not args.only or f"{c[0]}:{c[1] or ''}" in args.only]
     with tempfile.TemporaryDirectory(prefix="tuneforge-distmem-") as tmp:
@@ -119,9 +124,10 @@ def main() -> None:
         data = make_data(work / "train.jsonl")
         results = []
         for strategy, backend in configs:
-            results.append(run(strategy, backend, data, work, args.steps))
+            results.append(run(strategy, backend, data, work, args.steps, args.model))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    print(json.dumps({"question": "per-rank peak RSS, full fine-tuning SmolLM2-135M-Instruct, 2 ranks, fp32",
+    print(json.dumps({"question": "per-rank peak RSS, full fine-tuning "
+                      + ("SmolLM2-135M-Instruct" if args.model == "smollm2-135m-instruct" else args.model) + ", 2 ranks, fp32",
                       "machine": f"{os.cpu_count()} cores", "steps": args.steps, "results": results}, indent=1))
 
 

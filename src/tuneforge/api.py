@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tuneforge import files
@@ -50,19 +51,84 @@ def train(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str
     `stop`: a StopRequest another thread or a signal handler may set; training then stops at the next step
     boundary with a checkpoint (status "stopped"). `predict_memory`: predict the run's peak memory first
     (`tuneforge plan`, in a child process), warn through the events when it exceeds this machine's memory and
-    record it in the summary as `predicted_peak_mb`; `strict_memory`: refuse to start instead of warning."""
+    record it in the summary as `predicted_peak_mb`; `strict_memory`: refuse to start instead of warning.
+    A spec with several ranks on this node (distributed.nproc > 1) launches them as `tuneforge train` does,
+    in a child process (`_train_ranks`), and returns the main rank's summary."""
+    from tuneforge.distributed import needs_launch
     from tuneforge.training.recipe import train as run_recipe
 
     job = resolve_job(spec, overrides, resume=resume)
     handler = on_event or (ConsoleProgress() if progress else None)
+    if needs_launch(job.distributed):  # the main rank writes the before/after report, if the spec asks
+        return _train_ranks(job, resume=resume, overwrite=overwrite, stop_after=stop_after, on_event=on_event,
+                            echo=progress, stop=stop)
     predicted = _predict_peak(job, handler, strict_memory) if predict_memory or strict_memory else None
     result = run_recipe(job, resume=resume, overwrite=overwrite, stop_after=stop_after, on_event=handler, stop=stop)
     if predicted is not None and not result.already_finished:
         result.predicted_peak_mb = predicted
         _record_prediction(Path(result.output_dir), predicted)
-    if result.status == "succeeded" and not result.already_finished and job.eval and job.eval.before_after:
+    if (result.status == "succeeded" and not result.already_finished and job.eval and job.eval.before_after
+            and os.environ.get("RANK", "0") == "0"):  # one report from a multi-rank run: the main rank's
         result.report = str(report(result.output_dir, progress=progress and on_event is None))
     return result
+
+
+def _train_ranks(job: JobSpec, *, resume: bool, overwrite: bool, stop_after: int | None,
+                 on_event: EventHandler | None, echo: bool, stop: StopRequest | None) -> RunSummary:
+    """Run `tuneforge train` (which starts this node's ranks through distributed.launch_ranks) in a child
+    process and return the main rank's summary. The ranks' console lines reach `on_event` as "info" events
+    (or stderr when `echo`); a `stop` request sends the launcher SIGTERM, so every rank stops at the same step
+    with a checkpoint and the summary says "stopped"; a failure raises DistributedError with the ranks'
+    `error:` lines and the launcher's exit code."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import time
+
+    from tuneforge.distributed import DistributedError
+
+    with tempfile.TemporaryDirectory(prefix="tuneforge-ranks-") as tmp:
+        spec_file = Path(tmp) / "job.yaml"  # relative paths in it stay relative to this working directory
+        spec_file.write_text(job.to_yaml())
+        command = [sys.executable, "-m", "tuneforge.cli", "train", str(spec_file), "--json", "--quiet"]
+        command += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+        command += ["--stop-after", str(stop_after)] if stop_after else []
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        stdout: list[str] = []
+
+        def relay() -> None:
+            for line in proc.stderr:
+                lines.append(line.rstrip("\n"))
+                if on_event is not None:
+                    on_event(RunEvent("info", lines[-1]))
+                elif echo:
+                    sys.stderr.write(line)
+
+        # Both pipes are drained while the ranks run, so neither can fill up and block them.
+        readers = [threading.Thread(target=relay, daemon=True),
+                   threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)]
+        for reader in readers:
+            reader.start()
+        while proc.poll() is None:
+            if stop is not None and stop:
+                proc.send_signal(signal.SIGTERM)  # the launcher passes it on; the ranks stop at a step boundary
+                break
+            time.sleep(0.2)
+        proc.wait()
+        for reader in readers:
+            reader.join(timeout=10)
+    out = "".join(stdout)
+    start = out.rfind('{\n  "status"')  # rank 0's `--json` summary is the last thing on stdout
+    if proc.returncode in (0, 130, 143) and start >= 0:
+        return RunSummary.model_validate_json(out[start:].strip())
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    err = DistributedError("; ".join(dict.fromkeys(errors))[:2000] or
+                           f"the ranks' launcher exited with code {proc.returncode}: {' | '.join(lines[-5:])[:1000]}")
+    err.exit_code = proc.returncode if proc.returncode > 0 else 1
+    raise err
 
 
 def _predict_peak(job: JobSpec, handler: EventHandler | None, strict: bool) -> float | None:

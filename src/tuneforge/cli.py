@@ -493,8 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=positive_float, default=1.0,
                    help="how often workers look for jobs and for cancel/pause (default 1)")
     p.add_argument("--training-threads", type=positive_int, help="torch threads per training process")
-    p.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
-                   help="serve a CLI-trained run (or merged model) as model NAME to every org (repeatable)")
+    p.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
+                   help="serve a CLI-trained run, merged model or ONNX export (`tuneforge export onnx`) as model NAME "
+                   "to every org; an ONNX adapters export serves NAME:ADAPTER per adapter, NAME:base the base "
+                   "(repeatable)")
     p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together per model")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests per model (429 beyond)")
     p.add_argument("--max-adapters", type=positive_int, default=8, help="LoRA adapters kept loaded per base (LRU)")

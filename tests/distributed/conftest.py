@@ -1,11 +1,14 @@
 """Fixtures for the 2-process tests: distinct chat examples (13: the last global step of an epoch has
-fewer micro-batches than ranks, so a rank runs an empty one), specs, and the CLI as a subprocess."""
+fewer micro-batches than ranks, so a rank runs an empty one), specs, the CLI as a subprocess, and the
+runs that several test files check (`one_process_runs`, `rank_runs`: computed once per test session,
+also under pytest-xdist, and shared)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,12 @@ import pytest
 from tests.conftest import tiny_spec, write_jsonl
 
 N_EXAMPLES = 13
+# DeepSpeed compiles its CPU communication op into TORCH_EXTENSIONS_DIR on first use (~40 s). The default
+# folder is shared with every other torch program of this user; one that builds the op with other flags
+# makes the next test run rebuild it. A folder of the tests' own (in tuneforge's cache, which `make test`
+# keeps inside the repository) keeps the build across runs.
+_CACHE = Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_CACHE / "torch_extensions-tests"))
 
 
 def chat_records(n: int = N_EXAMPLES) -> list[dict]:
@@ -23,16 +32,27 @@ def chat_records(n: int = N_EXAMPLES) -> list[dict]:
             for i in range(n)]
 
 
+def validation_records() -> list[dict]:
+    """5 held-out chats (3 evaluation batches of 2, the last one short)."""
+    words = ["papa", "quebec", "romeo", "sierra", "tango"]
+    return [{"messages": [{"role": "user", "content": f"Spell {w}{' slowly' * (i % 2)}"},
+                          {"role": "assistant", "content": " ".join(w) + " ok"}]} for i, w in enumerate(words)]
+
+
 @pytest.fixture
 def dist_data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", chat_records())
 
 
 def dist_spec(model_dir: Path, data: Path, out: Path, method: str = "lora", world: int = 1,
-              distributed: dict | None = None, **training) -> dict:
-    """1 process: grad_accum 2 (global batch 4); `world` ranks: grad_accum 1 each, same global batch."""
-    training = {"batch_size": 2, "grad_accum": 2 // world, "max_steps": 4, "lr": 1e-2, **training}
+              distributed: dict | None = None, validation: Path | None = None, **training) -> dict:
+    """1 process: grad_accum 2 (global batch 4); `world` ranks: grad_accum 1 each, same global batch.
+    `validation`: a held-out file, evaluated every 2 steps (and after the last)."""
+    training = {"batch_size": 2, "grad_accum": 2 // world, "max_steps": 4, "lr": 1e-2,
+                **({"eval_every": 2} if validation else {}), **training}
     spec = tiny_spec(model_dir, data, out, **training)
+    if validation:
+        spec["data"]["validation"] = str(validation)
     spec["method"] = method
     if method == "full":
         spec["training"]["lr"] = 1e-3
@@ -84,3 +104,114 @@ def write_matrix(backend: str, strategies: tuple[str, ...], methods: tuple[str, 
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         DOC.write_text(head + start + "\n" + "\n".join(rows) + "\n" + end + tail)
+
+
+# ---------------------------------------------------------------- runs shared by several test files
+
+ONE_PROCESS_METHODS = ("lora", "dora", "full", "qlora")
+RESUME_STRATEGIES = ("ddp", "zero1", "zero3", "zero3+offload")
+
+
+def torch_distributed(strategy: str) -> dict:
+    name, _, offload = strategy.partition("+")
+    return {"strategy": name, "offload": "parameters" if offload else "none"}
+
+
+def deepspeed_distributed(strategy: str) -> dict:
+    name, _, offload = strategy.partition("+")
+    return {"strategy": name, "backend": "deepspeed",
+            "offload": ("parameters" if name == "zero3" else "optimizer") if offload else "none"}
+
+
+def deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@contextmanager
+def _once_per_session(tmp_path_factory, name: str):
+    """(folder, done): a folder every pytest-xdist worker of this session shares, held under a lock; `done`
+    says whether another worker already filled it (each worker builds its own tiny models, but the first
+    worker's stay on disk for the whole session)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        root.mkdir(exist_ok=True)
+        yield root, (root / "done.json").is_file()
+
+
+@pytest.fixture(scope="session")
+def one_process_runs(tiny_models, tmp_path_factory) -> Path:
+    """`single-<method>/`: the 1-process references (4 steps, validation every 2) of every method, and
+    the data they read (`train.jsonl`, `valid.jsonl`)."""
+    with _once_per_session(tmp_path_factory, "one-process") as (root, done):
+        if not done:
+            from tuneforge.spec import build_spec
+            from tuneforge.training.recipe import train
+
+            data = write_jsonl(root / "train.jsonl", chat_records())
+            valid = write_jsonl(root / "valid.jsonl", validation_records())
+            for method in ONE_PROCESS_METHODS:
+                train(build_spec(dist_spec(tiny_models["llama"], data, root / f"single-{method}", method,
+                                           validation=valid)), overwrite=True)
+            (root / "model").write_text(str(tiny_models["llama"]))
+            (root / "done.json").write_text("{}")
+    return root
+
+
+def torch_matrix_combos():
+    for method in ONE_PROCESS_METHODS:
+        for strategy in ("ddp", "zero1", "zero2", "zero3", "zero3+offload"):
+            if method == "qlora" and strategy not in ("ddp", "zero1"):
+                continue  # refused up front (test_spec_and_sharding.py)
+            yield method, strategy
+
+
+def deepspeed_combos():
+    for method in ("lora", "dora", "full"):
+        for strategy in ("ddp", "zero1", "zero2", "zero3", "zero2+offload", "zero3+offload"):
+            yield method, strategy
+
+
+@pytest.fixture(scope="session")
+def rank_runs(one_process_runs, tmp_path_factory) -> tuple[Path, dict]:
+    """Every 2-rank run that test_equality, test_checkpoints, test_deepspeed and test_memory check, in one
+    pair of spawned ranks (imports paid once): (folder, {job name: result as rank 0 saw it}). A run's
+    folder is `<folder>/<job name with / as ->`; the 1-process references are in `one_process_runs`."""
+    from tests.distributed.ranks import run_in_ranks
+
+    with _once_per_session(tmp_path_factory, "rank-runs") as (root, done):
+        if done:
+            return root, json.loads((root / "done.json").read_text())
+        model = Path((one_process_runs / "model").read_text())
+        data, valid = one_process_runs / "train.jsonl", one_process_runs / "valid.jsonl"
+        # What each strategy holds per rank, and zero1's checkpoint (tests/distributed/test_memory.py)
+        jobs = [{"_name": f"memory/{s}", "_call": "tests.distributed.test_memory:probe", "strategy": s,
+                 "model_dir": str(model), "out": str(root / "memory")} for s in ("ddp", "zero1", "zero3")]
+        # 2 ranks vs 1 process: every method x strategy (test_equality.py)
+        jobs += [{**dist_spec(model, data, root / f"{m}-{s}", m, world=2, distributed=torch_distributed(s),
+                              validation=valid), "_name": f"{m}/{s}"} for m, s in torch_matrix_combos()]
+        # stop + resume across an epoch boundary: 13 examples, global batch 4 = 4 steps per epoch (test_checkpoints.py)
+        for s in RESUME_STRATEGIES:
+            for part, train in (("whole", {}), ("stop", {"stop_after": 3}), ("resume", {"resume": True})):
+                out = root / f"resume-{s}-{'whole' if part == 'whole' else 'cut'}"
+                spec = dist_spec(model, data, out, world=2, distributed=torch_distributed(s), max_steps=6, save_every=2)
+                jobs.append({**spec, "_name": f"resume-{s}/{part}", "_train": train or {"overwrite": True}})
+        if deepspeed_installed():  # test_deepspeed.py
+            jobs += [{**dist_spec(model, data, root / f"ds-{m}-{s}", m, world=2, distributed=deepspeed_distributed(s),
+                                  validation=valid), "_name": f"ds-{m}/{s}"} for m, s in deepspeed_combos()]
+            cut = dist_spec(model, data, root / "ds-resume-zero3", "lora", world=2,
+                            distributed=deepspeed_distributed("zero3"), save_every=1)
+            jobs += [{**cut, "_name": "ds-resume/stop", "_train": {"stop_after": 2}},
+                     {**cut, "_name": "ds-resume/resume", "_train": {"resume": True}}]
+        results = run_in_ranks(jobs, root / "results")
+        (root / "done.json").write_text(json.dumps(results))
+    return root, results
+
+
+def run_folder(root: Path, name: str) -> Path:
+    return root / name.replace("/", "-")

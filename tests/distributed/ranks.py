@@ -3,9 +3,11 @@ group: RANK / WORLD_SIZE / MASTER_* are set as torch.distributed.run sets them, 
 spec's strategy from them exactly as in a launched rank."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
+import time
 import traceback
 from pathlib import Path
 
@@ -16,7 +18,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, jobs: list[dict], ports: list[int], results: str) -> None:
+def _job_port(rank: int, index: int, results: str) -> int:
+    """A free port for job `index`, picked by rank 0 just before the job and read by the others from a file.
+    (Ports picked long before use collide: gloo's connections in earlier jobs take ephemeral ports.)"""
+    path = Path(results, f"port-{index:04d}")
+    if rank == 0:
+        Path(results, f".port-{index:04d}").write_text(str(free_port()))
+        os.rename(Path(results, f".port-{index:04d}"), path)  # atomic: readers never see a partial number
+    deadline = time.time() + 300
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"rank 0 never picked a port for job {index}")
+        time.sleep(0.01)
+    return int(path.read_text())
+
+
+def _rank_main(rank: int, world: int, jobs: list[dict], results: str) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -26,12 +43,19 @@ def _rank_main(rank: int, world: int, jobs: list[dict], ports: list[int], result
     from tuneforge.training.recipe import train
 
     out = {}
-    for job, port in zip(jobs, ports):
-        os.environ["MASTER_PORT"] = str(port)
-        name, kwargs = job.pop("_name"), job.pop("_train", {"overwrite": True})
+    for index, job in enumerate(jobs):
+        os.environ["MASTER_PORT"] = str(_job_port(rank, index, results))
+        name, kwargs, call = job.pop("_name"), job.pop("_train", {"overwrite": True}), job.pop("_call", None)
+        started = time.perf_counter()
         try:
+            if call:  # "module:function", called as function(rank, world, **job); returns JSON
+                module, function = call.split(":")
+                value = getattr(importlib.import_module(module), function)(rank, world, **job)
+                out[name] = {"ok": True, "value": value}
+                continue
             summary = train(build_spec(job), **kwargs)
-            out[name] = {"ok": True, "steps": summary.steps, "status": summary.status}
+            out[name] = {"ok": True, "steps": summary.steps, "status": summary.status,
+                         "seconds": round(time.perf_counter() - started, 2)}
         except Exception as e:  # recorded; the test reports it
             out[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
             import torch.distributed as dist
@@ -42,17 +66,20 @@ def _rank_main(rank: int, world: int, jobs: list[dict], ports: list[int], result
 
 
 def run_in_ranks(jobs: list[dict], results: Path, world: int = 2) -> dict:
-    """Run `jobs` (spec dicts with a `_name`) one after another in `world` spawned ranks; return
-    {name: {"ok", "error"}} as rank 0 saw it (rank 1's failures are merged in)."""
+    """Run `jobs` (spec dicts with a `_name`, `_train`: train()'s keyword arguments; or `_call`: a function
+    "module:name" called with (rank, world, **job)) one after another in `world` spawned ranks; return
+    {name: {"ok", "error", "value"}} as rank 0 saw it (other ranks' failures are merged in; `per_rank`: each
+    rank's `value` of a `_call` job)."""
     import torch.multiprocessing as mp
 
     results.mkdir(parents=True, exist_ok=True)
-    ports = [free_port() for _ in jobs]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank_main, args=(world, jobs, ports, str(results)), nprocs=world, join=True)
-    merged = json.loads((results / "rank0.json").read_text())
-    for r in range(1, world):
-        for name, res in json.loads((results / f"rank{r}.json").read_text()).items():
-            if not res["ok"] and merged[name]["ok"]:
-                merged[name] = res
+    mp.spawn(_rank_main, args=(world, jobs, str(results)), nprocs=world, join=True)
+    per_rank = [json.loads((results / f"rank{r}.json").read_text()) for r in range(world)]
+    merged = dict(per_rank[0])
+    for name in merged:
+        failed = [ranks[name] for ranks in per_rank if not ranks[name]["ok"]]
+        merged[name] = failed[0] if failed else merged[name]
+        if "value" in merged[name]:
+            merged[name]["per_rank"] = [ranks[name]["value"] for ranks in per_rank]
     return merged

@@ -37,9 +37,10 @@ def _assert_same_losses(a: list[dict], b: list[dict]) -> None:
         assert abs(x["train_loss"] - y["train_loss"]) < 1e-4, (x, y)
 
 
-def test_two_nodes_on_localhost_write_one_output(tiny_models, dist_data, tmp_path):
+def test_two_nodes_on_localhost_write_one_output(one_process_runs, tmp_path):
     """Two launcher invocations (node ranks 0 and 1, one rank each) rendezvous and train as one job."""
-    spec = dist_spec(tiny_models["llama"], dist_data, tmp_path / "run", world=2, distributed={"strategy": "zero3"})
+    model, data = Path((one_process_runs / "model").read_text()), one_process_runs / "train.jsonl"
+    spec = dist_spec(model, data, tmp_path / "run", world=2, distributed={"strategy": "zero3"})
     spec["distributed"].update({"nproc": 1, "nnodes": 2})
     job = _write(spec, tmp_path / "job.yaml")
     port = str(free_port())
@@ -51,7 +52,47 @@ def test_two_nodes_on_localhost_write_one_output(tiny_models, dist_data, tmp_pat
     assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert "done: step 4/4" in outs[0][1] and "done:" not in outs[1][1]
-    _assert_same_losses(_single(tiny_models, dist_data, tmp_path), metrics(tmp_path / "run"))
+    _assert_same_losses(metrics(one_process_runs / "single-lora"), metrics(tmp_path / "run"))
+
+
+def test_rendezvous_failures_are_one_line_naming_what_failed(tiny_models, dist_data, tmp_path):
+    """Node 0 unreachable, a name that does not resolve, node 1 never arriving, the port taken: each is one
+    `error:` line naming the address, port or timeout (no c10d C++ log or stack frames) and exit code 1."""
+    import socket
+
+    spec = dist_spec(tiny_models["llama"], dist_data, tmp_path / "run", world=2, distributed={"strategy": "ddp"})
+    spec["distributed"].update({"nproc": 1, "nnodes": 2, "timeout_seconds": 2})
+    job = _write(spec, tmp_path / "job.yaml")
+    taken = socket.socket()
+    taken.bind(("", 0))
+    taken.listen()
+    nobody, alone, held = free_port(), free_port(), taken.getsockname()[1]  # a port per case: they run at once
+    cases = {  # flags -> what the line must say
+        ("--node-rank", "1", "--master-port", str(nobody)): [f"node 1: the rendezvous at 127.0.0.1:{nobody} failed",
+                                                            "node 0 did not answer within 2 s", "--master-addr"],
+        ("--node-rank", "1", "--master-addr", "no-such-host.invalid", "--master-port", str(nobody)): [
+            f"no-such-host.invalid:{nobody} does not resolve", "--master-addr"],
+        ("--node-rank", "0", "--master-port", str(alone)): [
+            f"node 0: the rendezvous at 127.0.0.1:{alone} failed", "not every node joined within 2 s (1 of 2 nodes "
+            "joined)", "--node-rank"],
+        ("--nnodes", "1", "--nproc", "2", "--master-port", str(held)): [
+            f"port {held} is already in use on this node", "--master-port"],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    try:
+        procs = {flags: subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(job), "--quiet", *flags],
+                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for flags in cases}
+        outs = {flags: p.communicate(timeout=120) for flags, p in procs.items()}
+    finally:
+        taken.close()
+    for flags, words in cases.items():
+        err = outs[flags][1].strip()
+        assert procs[flags].returncode == 1, (flags, err[-2000:])
+        assert len(err.splitlines()) == 1 and err.startswith("error: node "), (flags, err[-2000:])
+        for w in words:
+            assert w in err, (flags, w, err)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
 def _rank_pids(parent: int) -> dict[int, int]:
@@ -98,7 +139,7 @@ def test_killed_rank_is_named_and_resume_equals_uninterrupted(tiny_models, dist_
     """`--nproc 2` launches the ranks (the spec names only the strategy); SIGKILL of rank 1 mid-run is
     reported by rank number and signal; `--resume` continues, SIGTERM stops every rank at one step with a
     checkpoint, `--resume` again finishes: the whole trajectory matches 1 process."""
-    steps = 60
+    steps = 30  # long enough that the kill (after step 4) and SIGTERM (after step 8) land mid-run
     spec = dist_spec(tiny_models["llama"], dist_data, tmp_path / "run", world=2, distributed={"strategy": "zero3"},
                      max_steps=steps, save_every=2)
     del spec["distributed"]["nproc"]
@@ -152,3 +193,22 @@ def test_hung_rank_fails_the_run_within_the_timeout_naming_it(tiny_models, dist_
     assert waited < timeout + 10, waited
     assert line.startswith("error: rank 0: ") and "rank 1 last reported 'step" in line, line
     assert "a collective failed while 'step" in line
+
+
+def test_python_api_launches_the_ranks_like_the_cli(one_process_runs, tmp_path):
+    """`tuneforge.train(spec)` with distributed.nproc 2 starts the ranks through the CLI's launcher (in a
+    child process) and returns the main rank's summary; the trajectory is the 1-process one."""
+    import json
+
+    import tuneforge
+
+    model, data = Path((one_process_runs / "model").read_text()), one_process_runs / "train.jsonl"
+    spec = dist_spec(model, data, tmp_path / "run", world=2, distributed={"strategy": "zero1"})
+    events = []
+    summary = tuneforge.train(spec, on_event=events.append)
+    assert summary.status == "succeeded" and summary.steps == 4, summary
+    assert summary.model_dump(mode="json") == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert any(e.message.startswith("done: step 4/4") for e in events), [e.message for e in events][-5:]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert (state["world_size"], state["strategy"]) == (2, "zero1")  # written by 2 ranks
+    _assert_same_losses(metrics(one_process_runs / "single-lora"), metrics(tmp_path / "run"))

@@ -10,6 +10,7 @@ A rank that dies makes the agent stop the others; the error names the rank and h
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -95,6 +96,8 @@ def launch_ranks(d: DistributedSpec, rank_args: list[str], threads_per_rank: int
     env_before = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the ranks inherit this process's environment
     try:
+        if d.node_rank > 0:
+            check_rendezvous_reachable(d)  # one clear line instead of c10d's C++ log and stack frames
         elastic_launch(config, entrypoint=sys.executable)("-m", "tuneforge.cli", *rank_args)
     except ChildFailedError as e:
         raise _failure_error(e, d) from None
@@ -105,14 +108,75 @@ def launch_ranks(d: DistributedSpec, rank_args: list[str], threads_per_rank: int
                       "checkpoint when it can); continue with `tuneforge train RUN_DIR --resume`",
                       exit_code=128 + int(e.sigval)) from None
     except (RendezvousError, RuntimeError, ValueError) as e:  # node 0 unreachable, the port taken, a timeout
-        raise DistributedError(f"node {d.node_rank}: the rendezvous at {d.master_addr}:{d.master_port} failed: "
-                               f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+        raise rendezvous_error(d, str(e) or type(e).__name__) from None
     finally:
         for k, v in env_before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def check_rendezvous_reachable(d: DistributedSpec) -> None:
+    """On a node other than 0: wait (up to `timeout_seconds`) until node 0's rendezvous store answers at
+    master_addr:master_port, as torch's agent is about to; raise one DistributedError line if it never does.
+
+    The probe is the same TCPStore client the agent uses. Its C++ side logs every retry with stack frames to
+    file descriptor 2, so the probe runs with fd 2 pointed at a temporary file (this is the launcher process
+    before any rank exists; nothing else writes there meanwhile) and only the last line is kept for the error."""
+    import socket
+    import tempfile
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    where = f"{d.master_addr}:{d.master_port}"
+    try:
+        socket.getaddrinfo(d.master_addr, d.master_port)
+    except OSError as e:
+        raise DistributedError(f"node {d.node_rank}: the rendezvous address {where} does not resolve ({e}); "
+                               "give node 0's address or host name with --master-addr") from None
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            store = dist.TCPStore(d.master_addr, d.master_port, is_master=False,
+                                  timeout=timedelta(seconds=d.timeout_seconds))
+            del store  # reachable: the agent connects again and joins the rendezvous
+            return
+        except (RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError
+            reason = str(e)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    raise rendezvous_error(d, reason)
+
+
+def rendezvous_error(d: DistributedSpec, reason: str) -> DistributedError:
+    """What failed in the rendezvous (address, port, timeout) as one line, from torch's / c10d's message."""
+    where = f"{d.master_addr}:{d.master_port}"
+    text = reason.lower()
+    first = (reason.strip().splitlines() or [""])[0][:200]
+    if "eaddrinuse" in text or "address already in use" in text:
+        what = (f"port {d.master_port} is already in use on this node (another run or service holds it); choose a "
+                "free one with --master-port (distributed.master_port) on every node")
+    elif "waiting for clients" in text:  # node 0: the others did not arrive
+        counts = re.search(r"(\d+)/(\d+) clients joined", reason)
+        joined = f"{counts[1]} of {counts[2]} nodes joined" if counts else first
+        what = (f"not every node joined within {d.timeout_seconds:.0f} s ({joined}); start the other "
+                f"{d.nnodes - 1} node(s) with the same spec, --nnodes {d.nnodes}, their own --node-rank and "
+                f"--master-addr <this node's address> --master-port {d.master_port}")
+    elif "ping failed" in text or "invalid value returned" in text:
+        what = ("something answered there that is not a torch.distributed rendezvous; check --master-port "
+                "(node 0's distributed.master_port)")
+    elif "timed out" in text or "timeout" in text or "refused" in text:
+        what = (f"node 0 did not answer within {d.timeout_seconds:.0f} s; check that node 0 is running "
+                "`tuneforge train` with the same spec, that --master-addr is its address as this node sees it, "
+                "and that the port is open between the nodes")
+    else:
+        what = first or "unknown error"
+    return DistributedError(f"node {d.node_rank}: the rendezvous at {where} failed: {what}")
 
 
 def _failure_error(e, d: DistributedSpec) -> DistributedError:

@@ -168,11 +168,10 @@ class TorchProcessGroup:
     def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
         from safetensors.torch import save_file
 
-        state = optimizer.state_dict() if self.is_main or not hasattr(optimizer, "consolidate_state_dict") else None
         if self.is_main:
             weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
             save_file(weights, folder / "trainable.safetensors")
-            torch.save(state, folder / "optimizer.pt")
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
 
     def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
         from safetensors.torch import load_file
@@ -216,6 +215,7 @@ class ZeroOneStrategy(DDPStrategy):
     share of the parameters, then broadcasts the updated values."""
 
     name = "zero1"
+    sharded = True  # every rank writes its optimizer shard into a checkpoint
 
     def build_optimizer(self, params: list, make: Callable, lr: float, weight_decay: float):
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -224,12 +224,56 @@ class ZeroOneStrategy(DDPStrategy):
         return ZeroRedundancyOptimizer(params, optimizer_class=lambda ps, **_: make(ps), lr=lr,
                                        weight_decay=weight_decay)
 
-    # torch's consolidate_state_dict broadcasts every shard to every rank, so a checkpoint costs memory
-    # on all ranks (measured: docs/benchmarks.md). A per-rank save of the shards would avoid it; a first
-    # attempt did not resume exactly and was not kept.
+    # Checkpoints: every rank writes its own shard of the optimizer state (`optimizer-rank00001.pt`), the
+    # main rank the (replicated) weights. Nothing is gathered: torch's consolidate_state_dict would broadcast
+    # every shard to every rank (8.1 GB on one rank for SmolLM2 full fine-tuning; docs/benchmarks.md).
     def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
-        optimizer.consolidate_state_dict(to=0)  # collective: every rank sends its shard
-        super().save_model_and_optimizer(folder, model, optimizer)
+        from safetensors.torch import save_file
+
+        local = optimizer.optim  # this rank's optimizer over its partition of the parameters
+        # The schedule sets the learning rate in the outer param_groups after the step; ZeRO copies it into
+        # the local optimizer only at the next step, so copy it now or a resumed step would use a stale one.
+        _copy_hyperparameters(optimizer.param_groups, local.param_groups)
+        names = {p: n for n, p in model.named_parameters()}
+        shard = {"state": local.state_dict(), "world_size": self.world_size,
+                 "params": [names[p] for g in local.param_groups for p in g["params"]]}
+        torch.save(shard, folder / optimizer_shard_file(self.rank))
+        if self.is_main:
+            weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(weights, folder / "trainable.safetensors")
+
+    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
+        from safetensors.torch import load_file
+
+        path = folder / optimizer_shard_file(self.rank)
+        if not path.exists() and (folder / "optimizer.pt").exists():  # written gathered, before per-rank shards
+            return super().load_model_and_optimizer(folder, model, optimizer)
+        try:
+            weights = load_file(folder / "trainable.safetensors")
+            shard = torch.load(path, weights_only=True)
+        except Exception as e:  # a truncated or missing file
+            raise CheckpointError(f"{folder}: weights or this rank's optimizer shard ({path.name}) unreadable "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+        local = optimizer.optim
+        names = {p: n for n, p in model.named_parameters()}
+        mine = [names[p] for g in local.param_groups for p in g["params"]]
+        if shard.get("params") != mine:
+            raise CheckpointError(f"{path}: its optimizer shard covers other parameters than rank {self.rank} "
+                                  "holds now; resume with the same spec and number of processes")
+        _copy_weights(folder, model, weights)
+        local.load_state_dict(shard["state"])
+        _copy_hyperparameters(local.param_groups, optimizer.param_groups)  # the saved lr, as one process restores it
+
+
+def optimizer_shard_file(rank: int) -> str:
+    """zero1 (torch): the file holding one rank's optimizer state in a checkpoint folder."""
+    return f"optimizer-rank{rank:05d}.pt"
+
+
+def _copy_hyperparameters(source: list[dict], target: list[dict]) -> None:
+    """Copy learning rate and the other per-group settings (not the parameters) between param_groups."""
+    for src, dst in zip(source, target, strict=True):
+        dst.update({k: v for k, v in src.items() if k != "params"})
 
 
 class FSDPStrategy(TorchProcessGroup):

@@ -80,21 +80,23 @@ class OnnxRunner:
     def use(self, name: str) -> None:
         self.active = name
 
-    def _generator(self, max_length: int, temperature: float = 0.0, seed: int = 0):
+    def generator(self, max_length: int, temperature: float = 0.0, seed: int = 0, adapter: str | None = None):
+        """A fresh generator (batch of one, its own KV cache) running `adapter` (default: the active one)."""
         params = self.og.GeneratorParams(self.model)
         if temperature > 0:
             params.set_search_options(max_length=max_length, do_sample=True, temperature=temperature, random_seed=seed)
         else:
             params.set_search_options(max_length=max_length, do_sample=False)
         generator = self.og.Generator(self.model, params)
-        if self.active is not None:
-            generator.set_active_adapter(self.adapters, self.active)
+        adapter = adapter or self.active
+        if adapter is not None:
+            generator.set_active_adapter(self.adapters, adapter)
         return generator
 
     def greedy(self, prompt: list[int], max_new_tokens: int, stops: list[int], temperature: float = 0.0,
                seed: int = 0) -> list[int]:
         """Greedy continuation (sampled when `temperature` > 0); ends after a stop token."""
-        generator = self._generator(len(prompt) + max_new_tokens, temperature, seed)
+        generator = self.generator(len(prompt) + max_new_tokens, temperature, seed)
         generator.append_tokens(prompt)
         new: list[int] = []
         while len(new) < max_new_tokens and not generator.is_done():
@@ -110,7 +112,7 @@ class OnnxRunner:
         ids = example.input_ids
         positions = set(gates.target_positions(example))
         first = min(positions)
-        generator = self._generator(len(ids) + 1)
+        generator = self.generator(len(ids) + 1)
         generator.append_tokens(ids[:first])
         nll, argmax = [], []
         for t in range(first, len(ids)):

@@ -14,7 +14,9 @@ the run's micro-batch shape with the run's optimizer, in a child process of its 
   RSS is made of;
 - the wall time of forward + backward and of the optimizer step (one timed step after a warm-up step).
 Per-layer figures are the difference of the two cuts, so the whole model's are linear extrapolations in the
-layer count. Micro-batches over `probe_token_cap` tokens are probed at the cap and at half of it and
+layer count. A model small enough that a step of the whole of it is cheap (`WHOLE_MODEL_FLOPS`, e.g. SmolLM2-135M)
+is probed whole instead: the resident set's growth is the allocator's, and does not scale with the layer count
+(SmolLM2 QLoRA at 2 x 97 tokens: both cuts grew ~120 MB, the whole model 274 MB). Micro-batches over `probe_token_cap` tokens are probed at the cap and at half of it and
 extrapolated linearly in tokens (the planner scales time by FLOPs, keeping attention's quadratic part).
 Results are cached under $TUNEFORGE_CACHE/plan/ keyed by config, run shape, machine and library versions.
 """
@@ -35,10 +37,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from tuneforge.planning.estimate import config_fingerprint, with_layers
+from tuneforge.training.allocator import release_free_memory
 
 PROBE_TOKENS = 2048  # largest micro-batch probed directly (tokens); larger ones are extrapolated
 PROBE_FLOPS = 1e12  # and at most this many FLOPs per probe step (about a second on 2 cores)
-CACHE_VERSION = 8
+WHOLE_MODEL_FLOPS = 4e12  # probe the whole model, not cuts, when its probe step costs at most this
+SETTLE_STEPS = 6  # at most this many steady-state steps until the resident set stops growing
+WHOLE_MODEL_PARAMS = 1e9  # and it has at most this many parameters (building it is the run's own load)
+CACHE_VERSION = 12
 
 
 @dataclass(frozen=True)
@@ -137,19 +143,6 @@ def _reset_rss_high_water_mark() -> None:
         pass
 
 
-def _release_free_memory() -> None:
-    """Return the heap's free pages to the OS (glibc malloc_trim), so each probe starts from what is live."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def build_probe_model(config, shape: RunShape, layers: int):
     """The run's model (recipe.build_model's steps) on a `layers`-layer cut of `config`, random weights."""
     from transformers import AutoModelForCausalLM
@@ -237,45 +230,57 @@ class LiveBytes(TorchDispatchMode):
 
 
 def probe_point(config, shape: RunShape, layers: int, rows: int, seq_len: int, repeats: int = 1) -> ProbePoint:
-    """Build the cut model, run a warm-up step, time `repeats` steps (best), then track one step's memory."""
+    """Build the cut model, run a warm-up step, then steps until the resident set settles (at least `repeats`;
+    the best is the step time), then track one step's memory."""
     from tuneforge.hardware import autocast
     from tuneforge.training.loss import count_targets, loss_fn_for, output_head
     from tuneforge.training.recipe import build_optimizer
 
     device = torch.device(shape.device)
-    _release_free_memory()
+    release_free_memory()
     model, kernels = build_probe_model(config, shape, layers)
     chunked = kernels.loss == "chunked" and output_head(model) is not None
     loss_fn = loss_fn_for(model, chunked=chunked)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, shape.optimizer, 1e-4, 0.0)
     ac = None if shape.autocast == "float32" else getattr(torch, shape.autocast)
-    batch = _batch(config.vocab_size, rows, seq_len, shape.packing, torch.Generator().manual_seed(0))
-    n_targets = count_targets(batch["labels"])
+    generator = torch.Generator().manual_seed(0)
 
-    def forward_backward():
+    def forward_backward():  # a fresh batch each step, as in a run (its tensors come and go with the step)
+        batch = _batch(config.vocab_size, rows, seq_len, shape.packing, generator)
         with autocast(device, ac):
             loss, _ = loss_fn(batch)
-        (loss / n_targets).backward()
+        (loss / count_targets(batch["labels"])).backward()
 
     def optimizer_step():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    _release_free_memory()
+    release_free_memory()
     rss_before = _rss_bytes()
     _reset_rss_high_water_mark()
     forward_backward()
     optimizer_step()  # allocates the optimizer state: later steps are the steady state
-    fb = opt = float("inf") if repeats else 0.0
-    for _ in range(repeats):
+    # The resident set keeps growing for a few steps: after the first large buffers are freed, glibc raises its
+    # mmap threshold and later ones come from the heap, which keeps them (DoRA on SmolLM2 grew 874 -> 1146 ->
+    # 1326 MB over steps 1-3, then stayed). Step until it settles (two steps without growth), timing the best.
+    fb = opt = float("inf")
+    high, still = _rss_high_water_mark(), 0
+    for i in range(SETTLE_STEPS):
         t0 = time.perf_counter()
         forward_backward()
         t1 = time.perf_counter()
         optimizer_step()
         t2 = time.perf_counter()
         fb, opt = min(fb, t1 - t0), min(opt, t2 - t1)
+        now = _rss_high_water_mark()
+        still = still + 1 if now - high <= max(4 * 2**20, 0.02 * (now - rss_before)) else 0
+        high = now
+        if still >= 2 and i + 1 >= repeats:
+            break
+    # the growth of plain steps: the tracked step below runs under a dispatch mode, whose bookkeeping moves the heap
+    rss_growth = max(0, _rss_high_water_mark() - rss_before) if rss_before else 0
 
     saved: dict[int, int] = {}
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
@@ -296,7 +301,6 @@ def probe_point(config, shape: RunShape, layers: int, rows: int, seq_len: int, r
             forward_backward()
         after_backward = tracker.current
         optimizer_step()
-    rss_growth = max(0, _rss_high_water_mark() - rss_before) if rss_before else 0
     categories = {"static": tracker.start, "peak": tracker.peak, "after_backward": after_backward,
                   "rss_growth": rss_growth}
     del model, optimizer, params
@@ -349,7 +353,17 @@ def timing_layers(config) -> int:
     return int(max(2, min(config.num_hidden_layers, 1 + -(-head_params // max(layer_params, 1)))))
 
 
-def probe(config, shape: RunShape, *, use_cache: bool = True) -> ProbeResult:
+def probes_whole_model(config, shape: RunShape) -> bool:
+    """True when the model has at most WHOLE_MODEL_PARAMS parameters and a training step of all of it at the
+    probed micro-batch costs at most WHOLE_MODEL_FLOPS (6 FLOPs per weight per token)."""
+    from tuneforge.planning.estimate import meta_model
+
+    weights = sum(p.numel() for p in meta_model(config).parameters())
+    return (weights <= WHOLE_MODEL_PARAMS
+            and 6 * weights * min(shape.tokens, probe_token_cap(config)) <= WHOLE_MODEL_FLOPS)
+
+
+def probe(config, shape: RunShape, *, use_cache: bool = True, whole: bool | None = None) -> ProbeResult:
     """Probe `shape` on `config` (see the module docstring) in a child process; cached.
 
     A child process because the probe measures how far a process's resident set grows, which needs a heap of
@@ -361,7 +375,9 @@ def probe(config, shape: RunShape, *, use_cache: bool = True) -> ProbeResult:
     from tuneforge.errors import TuneforgeError
     from tuneforge.files import atomic_write_text
 
-    key = {"v": CACHE_VERSION, "config": config_fingerprint(config), "shape": asdict(shape), "machine": _machine()}
+    whole = probes_whole_model(config, shape) if whole is None else whole
+    key = {"v": CACHE_VERSION, "config": config_fingerprint(config), "shape": asdict(shape), "machine": _machine(),
+           "whole": whole}
     path = _cache_path(key)
     if use_cache and path.is_file():
         try:
@@ -369,7 +385,7 @@ def probe(config, shape: RunShape, *, use_cache: bool = True) -> ProbeResult:
             return ProbeResult(**{**data, "cached": True})
         except (OSError, ValueError, TypeError):
             pass
-    request = json.dumps({"config": config.to_dict(), "shape": asdict(shape)}, default=str)
+    request = json.dumps({"config": config.to_dict(), "shape": asdict(shape), "whole": whole}, default=str)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", "from tuneforge.planning.probe import _child; _child()"],
                           input=request, capture_output=True, text=True, env=env)
@@ -405,10 +421,10 @@ def _child() -> None:
         from tuneforge.training.allocator import return_big_buffers_to_os
 
         return_big_buffers_to_os()  # as `tuneforge train` does for QLoRA on CPU (cli.cmd_train)
-    print(json.dumps(_probe_here(config, shape).as_dict()))
+    print(json.dumps(_probe_here(config, shape, whole=request.get("whole", False)).as_dict()))
 
 
-def _probe_here(config, shape: RunShape) -> ProbeResult:
+def _probe_here(config, shape: RunShape, whole: bool = False) -> ProbeResult:
     layers = config.num_hidden_layers
     tokens = shape.tokens
     rows, seq = shape.rows, shape.seq_len
@@ -416,34 +432,37 @@ def _probe_here(config, shape: RunShape) -> ProbeResult:
     if tokens > cap:  # probe a smaller batch of the same row length (or shorter rows)
         rows = max(1, cap // seq)
         seq = min(seq, cap)
-    deep = timing_layers(config)  # the second cut: enough layers that their time stands out of the head's
-    big = [probe_point(config, shape, n, rows, seq) for n in (1, deep)]
-    points = list(big)
+    # the whole model, or a 1-layer cut and a deeper one: enough layers that their time stands out of the head's
+    cuts = (layers,) if whole else (1, timing_layers(config))
+    deep = cuts[-1]
 
-    def whole(v1: float, v2: float) -> float:  # linear in the layer count, through the two cuts
+    def at_model(points: list[ProbePoint], attr: str, rising: bool = False) -> float:
+        """`attr` of the whole model: the deepest point when it is the model, else linear in the layer count
+        through the two cuts (`rising`: the first cut also pays one-time costs, so never a negative slope)."""
+        if deep == layers:
+            return getattr(points[-1], attr)
+        v1, v2 = getattr(points[0], attr), getattr(points[1], attr)
+        v2 = max(v1, v2) if rising else v2
         return v1 + (v2 - v1) * (layers - 1) / (deep - 1)
 
-    peak = whole(big[0].peak_live_bytes, big[1].peak_live_bytes)
-    # the first cut also pays one-time costs (kernel caches, the autograd engine): never a negative slope
-    growth = (big[1].rss_growth_bytes if deep == layers  # the cut is the whole model: nothing to extrapolate
-              else whole(big[0].rss_growth_bytes, max(big[0].rss_growth_bytes, big[1].rss_growth_bytes)))
-    saved = whole(big[0].saved_bytes, big[1].saved_bytes)
-    fb = whole(big[0].forward_backward_seconds, big[1].forward_backward_seconds)
-    if big[1].forward_backward_seconds <= big[0].forward_backward_seconds:  # timing noise swamped the layers:
-        fb = big[1].forward_backward_seconds * layers / deep  # scale the deeper cut instead (overestimates the head)
-    opt = max(0.0, whole(big[0].optimizer_seconds, big[1].optimizer_seconds))
+    big = [probe_point(config, shape, n, rows, seq, repeats=2 if whole else 1) for n in cuts]
+    points = list(big)
+    peak = at_model(big, "peak_live_bytes")
+    growth = at_model(big, "rss_growth_bytes", rising=True)
+    saved = at_model(big, "saved_bytes")
+    fb = at_model(big, "forward_backward_seconds")
+    if len(big) == 2 and big[1].forward_backward_seconds <= big[0].forward_backward_seconds:
+        fb = big[1].forward_backward_seconds * layers / deep  # timing noise swamped the layers: scale the deeper cut
+    opt = max(0.0, at_model(big, "optimizer_seconds"))
     probed_tokens = rows * seq
-    if probed_tokens < tokens:  # memory is linear in tokens: a second pair at half the rows (or half the length)
+    if probed_tokens < tokens:  # memory is linear in tokens: a second set at half the rows (or half the length)
         rows2, seq2 = (rows // 2, seq) if rows > 1 else (rows, seq // 2)
-        small = [probe_point(config, shape, n, rows2, seq2, repeats=0) for n in (1, deep)]
+        small = [probe_point(config, shape, n, rows2, seq2, repeats=0) for n in cuts]
         points += small
-        t_small = rows2 * seq2
-        frac = (tokens - probed_tokens) / (probed_tokens - t_small)
-        peak = peak + (peak - whole(small[0].peak_live_bytes, small[1].peak_live_bytes)) * frac
-        growth_small = (small[1].rss_growth_bytes if deep == layers else
-                        whole(small[0].rss_growth_bytes, max(small[0].rss_growth_bytes, small[1].rss_growth_bytes)))
-        growth = growth + max(0.0, growth - growth_small) * frac
-        saved = saved + (saved - whole(small[0].saved_bytes, small[1].saved_bytes)) * frac
+        frac = (tokens - probed_tokens) / (probed_tokens - rows2 * seq2)
+        peak = peak + (peak - at_model(small, "peak_live_bytes")) * frac
+        growth = growth + max(0.0, growth - at_model(small, "rss_growth_bytes", rising=True)) * frac
+        saved = saved + (saved - at_model(small, "saved_bytes")) * frac
     return ProbeResult(int(peak), int(saved), fb, opt, [asdict(p) for p in points], rows, seq, int(growth))
 
 

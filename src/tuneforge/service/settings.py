@@ -85,15 +85,26 @@ class ServiceSettings(BaseModel):
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
-    """`--adapter NAME=RUN_DIR` (repeatable) -> {NAME: RUN_DIR} (checked when first asked for)."""
+    """`--adapter NAME=FOLDER` (repeatable) -> {NAME: FOLDER}. A run or model folder is checked when first asked
+    for; an ONNX export (it holds export.json) here, so that a broken one stops the start with one line."""
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.serving.onnx_engine import check_export, is_export
+
     out = {}
     for item in items:
         name, sep, folder = item.partition("=")
         if not sep or not name.strip() or not folder.strip():
-            raise SpecError(f"--adapter {item!r}: expected NAME=FOLDER (a finished run, a merged model or a peft "
-                            "adapter folder)")
+            raise SpecError(f"--adapter {item!r}: expected NAME=FOLDER (a finished run, a merged model, a peft "
+                            "adapter folder or an ONNX export)")
         if not Path(folder.strip()).is_dir():
             raise SpecError(f"--adapter {item!r}: {folder.strip()} is not a folder")
+        if is_export(Path(folder.strip())):
+            try:
+                record = check_export(Path(folder.strip()))
+            except TuneforgeError as e:
+                raise SpecError(f"--adapter {item!r}: {e}") from None
+            if record["format"] == "onnx-adapters" and ":" in name:
+                raise SpecError(f"--adapter {item!r}: NAME may not hold ':' (an adapters export serves NAME:ADAPTER)")
         out[name.strip()] = str(Path(folder.strip()).resolve())
     return out
 

@@ -17,7 +17,8 @@ log = logging.getLogger("tuneforge.serving")
 @dataclass(frozen=True)
 class AdapterSource:
     """A LoRA adapter: a peft folder (adapter_config.json + weights), or a training checkpoint's
-    `trainable.safetensors` with the peft config its run used."""
+    `trainable.safetensors` with the peft config its run used (for an OnnxEngine: an ONNX adapters export's
+    `.onnx_adapter` file, no config)."""
 
     folder: Path | None = None
     weights: Path | None = None

@@ -142,17 +142,98 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def append_token(seq: Sequence, token: int) -> None:
+    """Record one sampled token, emit the new text, and finish the row when it is done (the engines' threads
+    call this for every token: BatchEngine and serving.onnx_engine.OnnxEngine)."""
+    if token in seq.stop_ids:
+        finish(seq, "stop")
+        return
+    seq.out_ids.append(token)
+    seq.text = seq.decode(seq.out_ids)
+    for stop in seq.params.stop:
+        at = seq.text.find(stop, max(0, seq.sent - len(stop)))
+        if at != -1:
+            seq.text = seq.text[:at]
+            finish(seq, "stop")
+            return
+    if len(seq.out_ids) >= seq.params.max_tokens:
+        finish(seq, "length")
+        return
+    # Hold back an unfinished UTF-8 character and anything that may be the start of a stop string.
+    safe = len(seq.text.rstrip("\ufffd"))
+    for stop in seq.params.stop:
+        for k in range(min(len(stop) - 1, safe - seq.sent), 0, -1):
+            if seq.text[safe - k:safe] == stop[:k]:
+                safe -= k
+                break
+    if safe > seq.sent:
+        seq.emit(Output(seq.text[seq.sent:safe], []))
+        seq.sent = safe
+
+
+def finish(seq: Sequence, reason: str, error: str | None = None) -> None:
+    """End the sequence once: emit the text it held back, all its tokens, and why it ended."""
+    if seq.finish_reason is not None:
+        return
+    seq.finish_reason = reason
+    seq.emit(Output(seq.text[seq.sent:], list(seq.out_ids), reason, error))
+    seq.sent = len(seq.text)
+
+
+class WaitingQueue:
+    """The sequences waiting for an engine's thread (every engine: BatchEngine, onnx_engine.OnnxEngine), and the
+    condition that wakes that thread when some arrive or the engine stops."""
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        self.seqs: collections.deque[Sequence] = collections.deque()
+        self.cond = threading.Condition()
+        self.stopped = False
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def submit(self, seqs: tuple[Sequence, ...]) -> None:
+        """Queue the sequences of one request together (all or none): QueueFull when `max_waiting`
+        sequences already wait."""
+        with self.cond:
+            if len(self.seqs) >= self.max_waiting:
+                raise QueueFull(f"{len(self.seqs)} sequences are already waiting for this model")
+            self.seqs.extend(seqs)
+            self.cond.notify()
+
+    def pop(self) -> Sequence | None:
+        with self.cond:
+            return self.seqs.popleft() if self.seqs else None
+
+    def push_back(self, seqs: list[Sequence]) -> None:
+        """Return sequences taken but not admitted to the front, in their order."""
+        with self.cond:
+            self.seqs.extendleft(reversed(seqs))
+
+    def wait(self, busy: bool) -> bool:
+        """Block the engine thread until a sequence waits (at once when it is `busy` with rows); False once the
+        engine is stopping."""
+        with self.cond:
+            while not self.stopped and not self.seqs and not busy:
+                self.cond.wait()
+            return not self.stopped
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+
+
 class BatchEngine:
     """Decodes every submitted Sequence of one model, batching across requests and adapters."""
 
     def __init__(self, model, *, adapters=None, max_batch: int = 16, max_waiting: int = 64, name: str = "model"):
         self.model = model
         self.adapters = adapters  # serving.adapters.AdapterSet, or None for a model served without adapters
-        self.max_batch, self.max_waiting, self.name = max_batch, max_waiting, name
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.max_batch, self.name = max_batch, name
+        self.waiting = WaitingQueue(max_waiting)
         self.batch = Batch()
-        self.cond = threading.Condition()
-        self.stopped = False
         self.device = next(model.parameters()).device
         self._head, self._head_for = None, None  # (decoder, output head) of the model last run
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -161,22 +242,19 @@ class BatchEngine:
     # ---------------------------------------------------------------- API (any thread)
 
     def submit(self, *seqs: Sequence) -> None:
-        """Queue the sequences of one request together (all or none): refused when `max_waiting`
-        sequences already wait."""
-        with self.cond:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} sequences are already waiting for this model")
-            self.waiting.extend(seqs)
-            self.cond.notify()
+        """Queue the sequences of one request (all or none; QueueFull when too many wait)."""
+        self.waiting.submit(seqs)
 
     def load(self) -> dict:
-        with self.cond:
-            return {"active": len(self.batch), "waiting": len(self.waiting)}
+        return {"active": len(self.batch), "waiting": len(self.waiting)}
+
+    @property
+    def context_length(self) -> int:
+        """Prompt + completion tokens the model takes."""
+        return getattr(self.net.config, "max_position_embeddings", None) or 10**9
 
     def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
+        self.waiting.stop()
         self.thread.join(timeout=10)
 
     # ---------------------------------------------------------------- the engine thread
@@ -184,12 +262,9 @@ class BatchEngine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            with self.cond:
-                idle = not self.batch.rows
-                while not self.stopped and not self.waiting and not self.batch.rows:
-                    self.cond.wait()
-                if self.stopped:
-                    return
+            idle = not self.batch.rows
+            if not self.waiting.wait(busy=not idle):
+                return
             if idle:  # requests sent together arrive a few ms apart: prefill them in one forward
                 time.sleep(ARRIVAL_WINDOW_SECONDS)
             try:
@@ -201,17 +276,16 @@ class BatchEngine:
             except Exception as e:  # a bug or an out-of-memory: fail the affected requests, keep serving
                 log.exception("engine %s failed a step", self.name)
                 for seq in self.batch.rows:
-                    self._finish(seq, "error", error=str(e))
+                    finish(seq, "error", error=str(e))
                 self.batch = Batch()
 
     def _admit(self) -> None:
         """Take waiting sequences into the batch, up to max_batch, and prefill them together."""
         skipped, admitted = [], []
         while len(self.batch) + len(admitted) < self.max_batch:
-            with self.cond:
-                if not self.waiting:
-                    break
-                seq = self.waiting.popleft()
+            seq = self.waiting.pop()
+            if seq is None:
+                break
             if seq.cancelled:
                 continue
             if self.adapters is not None and seq.adapter is not None:
@@ -219,22 +293,21 @@ class BatchEngine:
                 try:
                     ready = self.adapters.acquire(seq.adapter, in_use)
                 except Exception as e:  # noqa: BLE001 — an adapter that cannot load fails its request only
-                    self._finish(seq, "error", error=f"adapter {seq.adapter}: {e}")
+                    finish(seq, "error", error=f"adapter {seq.adapter}: {e}")
                     continue
                 if not ready:  # every adapter slot is in use by running rows: wait for one to finish
                     skipped.append(seq)
                     continue
             admitted.append(seq)
         if skipped:
-            with self.cond:
-                self.waiting.extendleft(reversed(skipped))
+            self.waiting.push_back(skipped)
         if admitted:
             try:
                 self._prefill(admitted)
             except Exception as e:  # the new rows never joined the batch: fail them (the batch is untouched)
                 log.exception("engine %s failed a prefill", self.name)
                 for seq in admitted:
-                    self._finish(seq, "error", error=str(e))
+                    finish(seq, "error", error=str(e))
 
     @property
     def net(self):
@@ -285,7 +358,7 @@ class BatchEngine:
             if seq.params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
             seq.pos = len(seq.prompt_ids)
-            self._append(seq, sample(logits[i], seq.params, seq.generator))
+            append_token(seq, sample(logits[i], seq.params, seq.generator))
         self.batch.add(seqs, _layers(cache), mask)  # finished ones leave at the next _drop_done
 
     def _decode_step(self) -> None:
@@ -299,41 +372,7 @@ class BatchEngine:
         for i, seq in enumerate(rows):
             seq.pos += 1
             if not seq.cancelled:
-                self._append(seq, sample(logits[i], seq.params, seq.generator))
-
-    def _append(self, seq: Sequence, token: int) -> None:
-        """Record one sampled token, emit the new text, and finish the row when it is done."""
-        if token in seq.stop_ids:
-            self._finish(seq, "stop")
-            return
-        seq.out_ids.append(token)
-        seq.text = seq.decode(seq.out_ids)
-        for stop in seq.params.stop:
-            at = seq.text.find(stop, max(0, seq.sent - len(stop)))
-            if at != -1:
-                seq.text = seq.text[:at]
-                self._finish(seq, "stop")
-                return
-        if len(seq.out_ids) >= seq.params.max_tokens:
-            self._finish(seq, "length")
-            return
-        # Hold back an unfinished UTF-8 character and anything that may be the start of a stop string.
-        safe = len(seq.text.rstrip("\ufffd"))
-        for stop in seq.params.stop:
-            for k in range(min(len(stop) - 1, safe - seq.sent), 0, -1):
-                if seq.text[safe - k:safe] == stop[:k]:
-                    safe -= k
-                    break
-        if safe > seq.sent:
-            seq.emit(Output(seq.text[seq.sent:safe], []))
-            seq.sent = safe
-
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        if seq.finish_reason is not None:
-            return
-        seq.finish_reason = reason
-        seq.emit(Output(seq.text[seq.sent:], list(seq.out_ids), reason, error))
-        seq.sent = len(seq.text)
+                append_token(seq, sample(logits[i], seq.params, seq.generator))
 
     def _drop_done(self) -> None:
         keep = [i for i, s in enumerate(self.batch.rows) if s.finish_reason is None and not s.cancelled]

@@ -6,8 +6,10 @@
 - DoRA and IA3 adapters cannot join peft's mixed-adapter batches, so each is merged into a base copy of
   its own (its own engine; one more copy of the base in memory).
 - Prompt-tuning adapters are refused: their virtual tokens do not fit a shared KV cache.
-`--adapter NAME=FOLDER` takes a tuneforge run, a merged model, or a plain peft adapter folder (its
-adapter_config.json names the base).
+- An ONNX export (`tuneforge export onnx`, a folder with export.json) is its own OnnxEngine
+  (serving/onnx_engine.py); an adapters export serves NAME:ADAPTER for each adapter in it, one engine for all.
+`--adapter NAME=FOLDER` takes a tuneforge run, a merged model, a plain peft adapter folder (its
+adapter_config.json names the base) or an ONNX export.
 QLoRA adapters run on the full-precision base, as `tuneforge generate` runs them.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from tuneforge.errors import ModelError
 from tuneforge.serving.adapters import AdapterSet, AdapterSource
 from tuneforge.serving.engine import BatchEngine
+from tuneforge.serving.onnx_engine import OnnxEngine, is_export, read_export, served_names
 
 MIXABLE = ("lora", "qlora")
 
@@ -27,7 +30,7 @@ MIXABLE = ("lora", "qlora")
 class Target:
     """What answers one model name."""
 
-    engine_key: tuple  # which engine: ("base", folder) | ("own", folder) | ("merged", run folder)
+    engine_key: tuple  # which engine: ("base", folder) | ("own", folder) | ("merged", run folder) | ("onnx", export)
     model_dir: Path  # weights the engine loads (a base or a full model)
     adapter: str | None = None  # adapter name in that engine (None: the model itself)
     source: AdapterSource | None = None
@@ -35,13 +38,46 @@ class Target:
     merge_adapter: Path | None = None  # DoRA/IA3: merged into the engine's own copy
 
 
-def run_target(run: Path, name: str) -> Target:
-    """Target for a finished run folder (CLI-trained or a service job), or a merged model folder."""
+def operator_models(adapters: dict[str, str]) -> dict[str, tuple[Path, str | None]]:
+    """The operator's `--adapter NAME=FOLDER` entries as served model names -> (folder, adapter inside an ONNX
+    adapters export or None). Read on every call: adapters added to an export while serving appear at once."""
+    served: dict[str, tuple[Path, str | None]] = {}
+    for name, folder in adapters.items():
+        folder = Path(folder)
+        try:
+            inside = served_names(name, folder) if is_export(folder) else {name: None}
+        except ModelError:  # broken since the start (which checked it): answered as not servable
+            inside = {name: None}
+        served.update({served_name: (folder, adapter) for served_name, adapter in inside.items()})
+    return served
+
+
+def onnx_target(folder: Path, adapter: str | None) -> Target:
+    """Target for an ONNX export: a merged one (adapter None), or `adapter` of an adapters export."""
+    from tuneforge.serving.adapters import AdapterSource
+
+    record = read_export(folder)
+    if adapter is None:
+        if record["format"] != "onnx":
+            raise ModelError(f"{folder} is an adapters export: serve one of its adapters "
+                             f"({', '.join(record['adapters'])})")
+        return Target(("onnx", str(folder)), folder)
+    entry = record.get("adapters", {}).get(adapter)
+    if entry is None:
+        raise ModelError(f"{folder} has no adapter {adapter}")
+    return Target(("onnx", str(folder)), folder, adapter=adapter, source=AdapterSource(weights=folder / entry["file"]))
+
+
+def run_target(run: Path, name: str, export_adapter: str | None = None) -> Target:
+    """Target for a finished run folder (CLI-trained or a service job), a merged model folder, or an ONNX export
+    (`export_adapter`: which adapter of an adapters export)."""
     from tuneforge.files import owner_of
     from tuneforge.models import resolve_model
     from tuneforge.spec import load_spec
 
     run = Path(run)
+    if is_export(run):
+        return onnx_target(run, export_adapter)
     if owner_of(run) == "merge" or ((run / "config.json").is_file() and not (run / "spec.yaml").is_file()):
         return Target(("own", str(run)), run)
     if (run / "adapter_config.json").is_file():  # a plain peft adapter folder, from any trainer
@@ -115,14 +151,15 @@ class ModelServer:
     """Loaded engines by key, created on first use; tokenizers by folder."""
 
     def __init__(self, *, max_batch: int = 16, max_waiting: int = 64, max_adapters: int = 8,
-                 max_adapter_bytes: int = 2 * 2**30, precision: str = "fp32"):
+                 max_adapter_bytes: int = 2 * 2**30, precision: str = "fp32", threads: int | None = None):
         self.max_batch, self.max_waiting, self.precision = max_batch, max_waiting, precision
+        self.threads = threads  # ONNX Runtime's intra-op threads per ONNX engine (None: its default)
         self.max_adapters, self.max_adapter_bytes = max_adapters, max_adapter_bytes
-        self.engines: dict[tuple, BatchEngine] = {}
+        self.engines: dict[tuple, BatchEngine | OnnxEngine] = {}
         self.tokenizers: dict[str, object] = {}
         self.lock = threading.Lock()
 
-    def engine(self, target: Target) -> BatchEngine:
+    def engine(self, target: Target) -> BatchEngine | OnnxEngine:
         with self.lock:
             engine = self.engines.get(target.engine_key)
             if engine is None:
@@ -131,10 +168,14 @@ class ModelServer:
             engine.adapters.register(target.adapter, target.source)
         return engine
 
-    def _start(self, target: Target) -> BatchEngine:
+    def _start(self, target: Target) -> BatchEngine | OnnxEngine:
         import torch
 
         from tuneforge.models import load_model
+
+        if target.engine_key[0] == "onnx":
+            return OnnxEngine(target.model_dir, threads=self.threads, max_batch=self.max_batch,
+                              max_waiting=self.max_waiting, name=str(target.model_dir))
 
         model = load_model(target.model_dir).eval()
         adapters = None

@@ -116,8 +116,9 @@ def _rank_rng_file(rank: int) -> str:
 def _save_distributed(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, scaler,
                       strategy) -> Path:
     """Every rank writes its part into the main rank's temporary folder (a filesystem all nodes share):
-    weights and optimizer state (the strategy's format: the main rank's files for replicated weights,
-    torch.distributed.checkpoint shards for sharded ones) and its own RNG state; the main rank adds
+    weights and optimizer state (the strategy's format: the main rank's files for replicated weights, plus
+    each rank's own optimizer shard for zero1; torch.distributed.checkpoint or DeepSpeed shards for sharded
+    ones) and its own RNG state; the main rank adds
     scheduler, scaler and state.json, then renames the folder once every rank has reported success."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"

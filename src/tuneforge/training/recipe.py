@@ -43,6 +43,7 @@ from tuneforge.models import load_model, load_tokenizer, resolve_model
 from tuneforge.models.attention import use_packed_attention
 from tuneforge.spec import JobSpec
 from tuneforge.training import checkpoint as ckpt
+from tuneforge.training.allocator import release_free_memory
 from tuneforge.training.events import EventHandler, RunEvent, RunSummary, StopRequest
 from tuneforge.training.kernels import Kernels, effective_dropout, install_kernels, resolve_kernels
 from tuneforge.training.loss import count_targets, dataset_loss, loss_fn_for, output_head
@@ -87,6 +88,7 @@ def build_model(spec: JobSpec, model_path: Path, device: torch.device, base_dtyp
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:  # fp32 trainable weights and optimizer state
             p.data = p.data.float()
+    release_free_memory()  # the loading's freed buffers back to the OS before the steps allocate theirs
     return model
 
 
@@ -498,7 +500,7 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
                     stop_reason = "stop_after"
                 elif not is_last and (stop if strategy.world_size == 1 else strategy.all_reduce_max(bool(stop))):
                     stop_reason = stop.reason or "stopped on another rank"  # all ranks stop at the same step
-                # Every rank takes part in a checkpoint when there are several (sharded state, ZeRO-1's gather).
+                # Every rank takes part in a checkpoint when there are several (each writes its shards).
                 if (strategy.is_main or strategy.world_size > 1) and (step % t.save_every == 0 or stop_reason or is_last):
                     strategy.heartbeat(f"step {step}: writing checkpoint")
                     path = ckpt.save_checkpoint(

@@ -7,7 +7,6 @@ import asyncio
 import json
 import secrets
 import time
-from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -21,23 +20,25 @@ from tuneforge.service.completions.protocol import (AssistantMessage, ChatChoice
 from tuneforge.service.context import ServiceContext
 from tuneforge.service.errors import InvalidRequest, NotFound, ServerError, TooManyRequests
 from tuneforge.serving.engine import QueueFull, SamplingParams, Sequence
-from tuneforge.serving.registry import ModelServer, Target, checkpoint_target, run_target
+from tuneforge.serving.registry import ModelServer, Target, checkpoint_target, operator_models, run_target
 
 DEFAULT_CHAT_MAX_TOKENS = 512
 DISCONNECT_POLL_SECONDS = 0.1
 
 
 def resolve_target(ctx: ServiceContext, org: Org, name: str) -> Target:
-    """The model answering `name` for this org: a base model, an operator's adapter (every org), or this
-    org's fine-tuned model or checkpoint. Another org's model is a 404."""
+    """The model answering `name` for this org: a base model, an operator's adapter or ONNX export (every
+    org), or this org's fine-tuned model or checkpoint. Another org's model is a 404."""
     from tuneforge.models import resolve_model
 
     try:
         if name in ctx.settings.base_models:
             base = resolve_model(ctx.settings.base_models[name])
             return Target(("base", str(base)), base)
-        if name in ctx.settings.adapters:
-            return run_target(Path(ctx.settings.adapters[name]), f"op:{name}")
+        served = operator_models(ctx.settings.adapters)
+        if name in served:
+            folder, export_adapter = served[name]
+            return run_target(folder, f"op:{name}", export_adapter=export_adapter)
         row = ctx.store.get_model(name, org.id)
         if row is not None:
             return run_target(ctx.settings.jobs_dir / row["job_id"] / "run", name)
@@ -127,7 +128,7 @@ async def _prepare(ctx: ServiceContext, server: ModelServer, org: Org, req, rend
         prompts = render(tok)
     except DataError as e:
         raise InvalidRequest(f"messages: {e}", param="messages", code="invalid_messages") from None
-    limit = getattr(engine.net.config, "max_position_embeddings", None) or 10**9
+    limit = engine.context_length
     return target, tok, prompts, limit
 
 

@@ -6,6 +6,7 @@ from tuneforge.service.auth import Org
 from tuneforge.service.context import ServiceContext
 from tuneforge.service.errors import InvalidRequest, NotFound
 from tuneforge.service.models.protocol import Model, ModelDeleted, ModelList
+from tuneforge.serving.registry import operator_models
 
 BASE_OWNER = "tuneforge"
 
@@ -15,13 +16,13 @@ def _base(ctx: ServiceContext, name: str) -> Model:
 
 
 def list_models(ctx: ServiceContext, org: Org) -> ModelList:
-    data = [_base(ctx, name) for name in (*ctx.settings.base_models, *ctx.settings.adapters)]
+    data = [_base(ctx, name) for name in (*ctx.settings.base_models, *operator_models(ctx.settings.adapters))]
     data += [Model(id=r["id"], created=r["created_at"], owned_by=org.name) for r in ctx.store.list_models(org.id)]
     return ModelList(data=data)
 
 
 def get(ctx: ServiceContext, org: Org, model_id: str) -> Model:
-    if model_id in ctx.settings.base_models or model_id in ctx.settings.adapters:
+    if model_id in ctx.settings.base_models or model_id in operator_models(ctx.settings.adapters):
         return _base(ctx, model_id)
     row = ctx.store.get_model(model_id, org.id)
     if row is not None:
@@ -33,7 +34,7 @@ def get(ctx: ServiceContext, org: Org, model_id: str) -> Model:
 
 
 def delete(ctx: ServiceContext, org: Org, model_id: str) -> ModelDeleted:
-    if model_id in ctx.settings.base_models or model_id in ctx.settings.adapters:
+    if model_id in ctx.settings.base_models or model_id in operator_models(ctx.settings.adapters):
         raise InvalidRequest(f"model {model_id} is served by this server's operator; only your fine-tuned models "
                              "can be deleted",
                              param="model", code="cannot_delete_base_model")

@@ -1,0 +1,221 @@
+"""ONNX exports (`tuneforge export onnx`) served through the interface the HTTP layer uses for BatchEngine:
+`submit(*Sequence)` (QueueFull beyond `max_waiting`), `Output`s through each sequence's `emit`, `load()`,
+`stop()`, `context_length` (the queue: engine.WaitingQueue), and `adapters.register(name, source)`.
+
+    tuneforge serve --adapter chat=exports/chat-int4          # a merged export: model `chat`
+    tuneforge serve --adapter lora=exports/smollm2-lora       # an adapters export: `lora:base`, `lora:NAME`...
+
+One worker thread owns the ONNX Runtime GenAI model. Requests are not batched: every sequence gets a
+generator of its own (a batch of one, its own KV cache and its own adapter, as ORT GenAI 0.18 takes one
+adapter per generator), and each iteration advances every in-flight sequence (up to `max_batch`) by one
+token in turn. So concurrent requests stream side by side and fairly, but the tokens/s of the whole engine
+are those of one sequence; same-adapter batching would need prompts padded to one length, which GenAI's
+generator does not take.
+
+Sampling is tuneforge's own (`engine.sample` on GenAI's last-position logits, then `append_tokens` of the
+chosen token), not GenAI's search: temperature 0 is greedy (the tokens of `tuneforge generate --engine
+onnx`), and temperature, top_p and seed mean exactly what they mean for PyTorch-served models (GenAI's
+sampler would add its own top_k). Stop tokens, stop strings and max_tokens are handled as in BatchEngine.
+An adapters export keeps every adapter it was asked for loaded (they are small: LoRA matrices only);
+`--max-adapters`, `--max-adapter-mb` and `--inference-precision` apply to PyTorch models only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.errors import ModelError
+from tuneforge.serving.engine import Sequence, WaitingQueue, append_token, finish, sample
+
+log = logging.getLogger("tuneforge.serving")
+SERVED_FORMATS = ("onnx", "onnx-adapters")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is an export of `tuneforge export` (it holds export.json)."""
+    return (Path(folder) / "export.json").is_file()
+
+
+def read_export(folder: Path) -> dict:
+    """export.json of an ONNX export that can be served; ModelError (one line, the fix) otherwise."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / "export.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder / 'export.json'} is unreadable ({e}); export again with `tuneforge export onnx`") \
+            from None
+    kind = record.get("format") if isinstance(record, dict) else None
+    if kind not in SERVED_FORMATS:
+        raise ModelError(f"{folder} is a {kind or 'unknown'} export; tuneforge serves ONNX exports "
+                         "(`tuneforge export onnx`) and PyTorch runs")
+    if not (folder / "genai_config.json").is_file():
+        raise ModelError(f"{folder} has no genai_config.json: not a complete ONNX export")
+    if kind == "onnx" and not record.get("passed"):
+        raise ModelError(f"{folder} failed its export gates (kept with --keep-failed); do not serve it")
+    if kind == "onnx-adapters":
+        adapters = record.get("adapters") or {}
+        failed = sorted(n for n, a in adapters.items() if not a.get("passed"))
+        if failed:
+            raise ModelError(f"{folder}: adapter(s) {', '.join(failed)} failed their export gates; export them again "
+                             "(or to another folder) before serving it")
+        missing = sorted(n for n, a in adapters.items() if not (folder / a.get("file", "")).is_file())
+        if missing:
+            raise ModelError(f"{folder}: the file of adapter(s) {', '.join(missing)} is missing")
+    return record
+
+
+def check_export(folder: Path) -> dict:
+    """Everything about `folder` that can be checked before the first request: export.json, the adapter
+    files, ONNX Runtime GenAI installed and genai_config.json readable by it."""
+    from tuneforge.export.onnx import _require_runtime
+
+    record = read_export(folder)
+    _require_runtime()
+    import onnxruntime_genai as og
+
+    try:
+        og.Config(str(folder))
+    except Exception as e:  # noqa: BLE001 — GenAI raises plain RuntimeErrors
+        raise ModelError(f"{folder}: ONNX Runtime GenAI cannot read its genai_config.json: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return record
+
+
+def served_names(name: str, folder: Path) -> dict[str, str | None]:
+    """Model names `--adapter NAME=EXPORT` serves -> the adapter inside the export (None: a merged export).
+    An adapters export serves NAME:ADAPTER for each adapter that passed its gates, NAME:base the base."""
+    record = read_export(folder)
+    if record["format"] == "onnx":
+        return {name: None}
+    return {f"{name}:{adapter}": adapter for adapter, a in record["adapters"].items() if a.get("passed")}
+
+
+@dataclass
+class _Row:
+    seq: Sequence
+    generator: object  # onnxruntime_genai.Generator
+
+
+class OnnxAdapters:
+    """The adapter files of one adapters export, loaded into the engine's model on first use (engine thread)."""
+
+    def __init__(self):
+        self.files: dict[str, Path] = {}
+        self.loaded: set[str] = set()
+        self.lock = threading.Lock()
+
+    def register(self, name: str, source) -> None:
+        """`source`: an AdapterSource whose `weights` is the adapter's .onnx_adapter file."""
+        with self.lock:
+            self.files.setdefault(name, Path(source.weights))
+
+    def ensure(self, runner, name: str) -> None:
+        if name in self.loaded:
+            return
+        with self.lock:
+            path = self.files.get(name)
+        if path is None:
+            raise ModelError(f"adapter {name} is not registered")
+        runner.load_adapter(name, path)
+        self.loaded.add(name)
+        log.info("loaded ONNX adapter %s from %s", name, path)
+
+
+class OnnxEngine:
+    """Decodes every submitted Sequence of one ONNX export, one generator per sequence (module docstring)."""
+
+    def __init__(self, folder: Path, *, threads: int | None = None, max_batch: int = 16, max_waiting: int = 64,
+                 name: str = "onnx"):
+        from tuneforge.export.onnx import OnnxRunner
+
+        self.folder = Path(folder)
+        self.record = read_export(self.folder)
+        self.runner = OnnxRunner(self.folder, threads=threads)
+        config = json.loads((self.folder / "genai_config.json").read_text())
+        self.context_length = int(config["model"].get("context_length") or 10**9)
+        self.adapters = OnnxAdapters()
+        # an adapters export's graph takes LoRA inputs: some adapter must always be active (base = rank 0)
+        self.default_adapter = "base" if self.record["format"] == "onnx-adapters" else None
+        if self.default_adapter:
+            from tuneforge.serving.adapters import AdapterSource
+
+            file = self.folder / self.record["adapters"][self.default_adapter]["file"]
+            self.adapters.register(self.default_adapter, AdapterSource(weights=file))
+        self.max_batch, self.name = max_batch, name
+        self.waiting = WaitingQueue(max_waiting)
+        self.rows: list[_Row] = []
+        self.thread = threading.Thread(target=self._loop, name=f"onnx-engine-{name}", daemon=True)
+        self.thread.start()
+
+    # ---------------------------------------------------------------- API (any thread)
+
+    def submit(self, *seqs: Sequence) -> None:
+        """Queue the sequences of one request (all or none; QueueFull when too many wait)."""
+        self.waiting.submit(seqs)
+
+    def load(self) -> dict:
+        return {"active": len(self.rows), "waiting": len(self.waiting)}
+
+    def stop(self) -> None:
+        self.waiting.stop()
+        self.thread.join(timeout=10)
+
+    # ---------------------------------------------------------------- the engine thread
+
+    def _loop(self) -> None:
+        while self.waiting.wait(busy=bool(self.rows)):
+            self._admit()
+            for row in list(self.rows):
+                if row.seq.finish_reason is None and not row.seq.cancelled:
+                    self._step(row, first=False)
+            self._drop_done()
+
+    def _admit(self) -> None:
+        while len(self.rows) < self.max_batch:
+            seq = self.waiting.pop()
+            if seq is None:
+                return
+            if seq.cancelled:
+                continue
+            try:
+                adapter = seq.adapter or self.default_adapter
+                if adapter is not None:
+                    self.adapters.ensure(self.runner, adapter)
+                max_length = min(self.context_length, len(seq.prompt_ids) + seq.params.max_tokens)
+                row = _Row(seq, self.runner.generator(max_length, adapter=adapter))
+            except Exception as e:  # noqa: BLE001 — an adapter or generator that fails, fails its request only
+                log.exception("engine %s could not start a sequence", self.name)
+                finish(seq, "error", error=str(e))
+                continue
+            if seq.params.seed is not None:
+                import torch
+
+                seq.generator = torch.Generator().manual_seed(seq.params.seed)
+            self.rows.append(row)
+            self._step(row, first=True)
+
+    def _step(self, row: _Row, first: bool) -> None:
+        """Feed the row's prompt (first) or its last token, then sample the next token from the logits."""
+        import numpy as np
+        import torch
+
+        seq = row.seq
+        try:
+            row.generator.append_tokens(seq.prompt_ids if first else [seq.out_ids[-1]])
+            logits = torch.from_numpy(np.asarray(row.generator.get_logits(), dtype=np.float32).reshape(-1))  # (V,)
+            append_token(seq, sample(logits, seq.params, seq.generator))
+        except Exception as e:  # noqa: BLE001 — fail this request, keep serving the others
+            log.exception("engine %s failed a step", self.name)
+            finish(seq, "error", error=str(e))
+
+    def _drop_done(self) -> None:
+        keep = []
+        for row in self.rows:
+            if row.seq.cancelled and row.seq.finish_reason is None:
+                row.seq.finish_reason = "cancelled"  # its client went away: nothing to emit
+            if row.seq.finish_reason is None:
+                keep.append(row)
+        self.rows = keep  # one assignment: load() on another thread sees the old list or the new one
