@@ -151,7 +151,7 @@ def render(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed; the resident set settles by the third)")
     parser.add_argument("--only", type=lambda s: {int(x) for x in s.split(",")}, help="indices into RUNS")
     parser.add_argument("--showcase", action="store_true")
     parser.add_argument("--showcase-seq", type=int, default=128)

@@ -15,7 +15,7 @@ from tuneforge.cli import main
 from tuneforge.planning.measure import measure_run, write_fixed_length_text
 
 DATA = Path(__file__).parents[1] / "data"
-TOLERANCE = 0.15  # the goal, asserted by the opt-in SmolLM2 test and measured by bench/plan_accuracy.py
+TOLERANCE = 0.15  # the goal, asserted by the SmolLM2 test under TUNEFORGE_PLAN_ACCURACY=1 and measured by bench/plan_accuracy.py
 # In `make test` other tests run beside these on 2 cores (pytest -n 2) and move a process's peak RSS by ±10 %:
 # in one suite run here a tiny method measured more than 15 % off. The suite asserts a looser bound so it does not flake;
 # a prediction off by more than this is a real defect.
@@ -138,8 +138,6 @@ def test_train_records_the_prediction_and_strict_memory_refuses(wide_tiny, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("TUNEFORGE_PLAN_ACCURACY"), reason="minutes per case on 2 cores; "
-                    "TUNEFORGE_PLAN_ACCURACY=1 runs it (bench/plan_accuracy.py measures the same, docs/plan.md)")
 @pytest.mark.parametrize("method, rows, seq_len, training", [("lora", 2, 256, {}), ("ia3", 1, 512, {}),
                                                              ("qlora", 2, 256, {})])
 def test_smollm2_predicted_peak_within_15_percent(smollm2_path, tmp_path, method, rows, seq_len, training):
@@ -147,5 +145,11 @@ def test_smollm2_predicted_peak_within_15_percent(smollm2_path, tmp_path, method
     # 6 steps: the resident set settles by the third (the probe predicts the settled peak of a long run)
     spec = _spec("smollm2-135m-instruct", data, method, seq_len, batch_size=rows, max_steps=6, **training)
     predicted = _predicted(spec)
-    measured = measure_run(spec, tmp_path / "run")
-    assert abs(predicted["peak"] / measured.peak_rss_mb - 1) <= TOLERANCE, (predicted, measured.peak_rss_mb)
+    # the probe runs with this process's thread count (tests/conftest.py: 1); the run must too (the heap's growth
+    # depends on it: SmolLM2 QLoRA 2 x 256 grew ~600 MB at 1 thread, ~300 MB at 2)
+    import torch
+
+    measured = measure_run(spec, tmp_path / "run", threads=torch.get_num_threads())
+    # alone (TUNEFORGE_PLAN_ACCURACY=1, as in docs/plan.md) the goal; beside other tests the suite's bound
+    bound = TOLERANCE if os.environ.get("TUNEFORGE_PLAN_ACCURACY") else SUITE_TOLERANCE
+    assert abs(predicted["peak"] / measured.peak_rss_mb - 1) <= bound, (predicted, measured.peak_rss_mb)

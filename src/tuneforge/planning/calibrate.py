@@ -15,7 +15,24 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+# what a training process may import: their versions key the cached figures (an installed DeepSpeed, say, is
+# imported by transformers and moves the baseline; a cached baseline of 783 MB stood where a fresh one was 476)
+LIBRARIES = ("tuneforge", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "deepspeed", "tokenizers",
+             "safetensors", "tensorboard", "matplotlib", "onnxruntime")
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of LIBRARIES (None: not installed)."""
+    from importlib import metadata
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _baseline_child(tokenizer_path: str) -> None:
@@ -59,7 +76,6 @@ def process_baseline_mb(tokenizer_path: Path | None = None, *, threads: int | No
     import os
 
     import torch
-    import transformers
 
     from tuneforge.files import atomic_write_text
     from tuneforge.models.load import cache_dir
@@ -68,8 +84,8 @@ def process_baseline_mb(tokenizer_path: Path | None = None, *, threads: int | No
         (Path(tokenizer_path) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     tok = str(Path(tokenizer_path).resolve()) if has_tokenizer else ""
     threads = threads or torch.get_num_threads()
-    key = json.dumps({"v": CACHE_VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
-                      "python": sys.version, "tokenizer": tok, "threads": threads})
+    key = json.dumps({"v": CACHE_VERSION, "libraries": library_versions(), "python": sys.version, "tokenizer": tok,
+                      "threads": threads})
     path = cache_dir() / "plan" / f"baseline-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if use_cache and path.is_file():
         try:

@@ -112,7 +112,8 @@ def run_shape(spec, method: str, device: torch.device, rows: int, seq_len: int) 
                     num_virtual_tokens=spec.adapter.num_virtual_tokens, kernels=tuple(sorted(kernels.as_dict().items())),
                     autocast=str(autocast or torch.float32).removeprefix("torch."),
                     base_dtype=str(base).removeprefix("torch."), gradient_checkpointing=gc,
-                    checkpoint_every=t.checkpoint_every, packing=t.packing, rows=rows, seq_len=seq_len,
+                    checkpoint_every=t.checkpoint_every, packing=t.packing,
+                    document_len=min(t.max_seq_len, seq_len) if t.packing else 0, rows=rows, seq_len=seq_len,
                     optimizer=t.optimizer, device="cpu")
 
 
@@ -133,8 +134,8 @@ def micro_batch(spec, longest: int | None = None) -> tuple[int, int]:
     return rows, seq
 
 
-def data_shape(spec) -> tuple[int | None, int | None]:
-    """(longest encoded example, number of training examples) when the spec's data and tokenizer are readable."""
+def data_lengths(spec) -> list[int] | None:
+    """The encoded lengths of the training examples, when the spec's data and tokenizer are readable."""
     try:
         from tuneforge.models import load_tokenizer, resolve_model
         from tuneforge.training.recipe import check_data_files, prepare_data
@@ -142,9 +143,19 @@ def data_shape(spec) -> tuple[int | None, int | None]:
         reports = check_data_files(spec)
         tokenizer = load_tokenizer(resolve_model(spec.model), spec.trust_remote_code)
         train, _, _ = prepare_data(spec, tokenizer, reports)
-        return max(len(e.input_ids) for e in train.examples), len(train.examples)
+        return [len(e.input_ids) for e in train.examples] or None
     except (TuneforgeError, OSError, ValueError):
-        return None, None
+        return None
+
+
+def row_lengths(lengths: list[int] | None, seq: int, packing: bool) -> tuple[int, ...]:
+    """Shorter row lengths the run's micro-batches take besides `seq` (variable-length data, not packed): the
+    examples' length quartiles, capped at `seq`; () for fixed-length or unknown data."""
+    if not lengths or packing:
+        return ()
+    ordered = sorted(min(n, seq) for n in lengths)
+    quartiles = {ordered[int(q * (len(ordered) - 1))] for q in (0.25, 0.5, 0.75)}
+    return tuple(sorted((n for n in quartiles if n < seq), reverse=True))
 
 
 def weight_file_bytes(model_path, config) -> int:
@@ -196,7 +207,8 @@ def plan(spec, *, methods: tuple[str, ...] = METHODS, strategies: tuple[str, ...
     target = torch.device(device)
     memory_mb = memory_gb * 1024 if memory_gb else machine_memory_mb(device)
     config = load_config(spec.model, spec.trust_remote_code)
-    longest, n_examples = data_shape(spec)
+    lengths = data_lengths(spec)
+    longest, n_examples = (max(lengths), len(lengths)) if lengths else (None, None)
     rows, seq = micro_batch(spec, longest)
     t = spec.training
     total_steps = t.max_steps
@@ -204,19 +216,20 @@ def plan(spec, *, methods: tuple[str, ...] = METHODS, strategies: tuple[str, ...
         total_steps = math.ceil(t.epochs * math.ceil(n_examples / (t.batch_size * t.grad_accum * nproc)))
     model_path = resolve_model(spec.model)
     checkpoint_bytes = weight_file_bytes(model_path, config)
-    baseline = process_baseline_mb(model_path) if device == "cpu" else CUDA_CONTEXT_MB
+    baseline = process_baseline_mb(model_path, use_cache=use_cache) if device == "cpu" else CUDA_CONTEXT_MB
     result = Plan(spec.model, device, memory_mb, nproc, rows, seq, t.grad_accum, total_steps, baseline)
     for method in methods:
         if method == "prompt_tuning" and t.packing:
             continue  # the spec refuses this combination
-        shape = run_shape(spec, method, target, rows, seq)
+        shape = replace(run_shape(spec, method, target, rows, seq), lengths=row_lengths(lengths, seq, t.packing))
         counts = count_params(config, method, spec.adapter)
         static = static_bytes(counts, method, getattr(torch, shape.base_dtype), t.optimizer)
         # loading: the checkpoint's pages and the converted weights are resident together for a moment (QLoRA
         # loads its pre-quantised copy, whose tensors are used as read)
         load_extra = static.weights + (0 if method == "qlora" else checkpoint_bytes)
         chunked = dict(shape.kernels)["loss"] == "chunked" and method != "prompt_tuning"
-        flops_micro = step_flops(counts, config, method, rows * seq, seq if rows > 1 or not t.packing else seq,
+        context = min(seq, t.max_seq_len) if t.packing else seq  # packed: attention within each document
+        flops_micro = step_flops(counts, config, method, rows * seq, context,
                                  gradient_checkpointing=shape.gradient_checkpointing, chunked_loss=chunked)
         # no probe when the static bytes alone cannot fit (e.g. full fine-tuning of 3.8B in 24 GB) or a cut is too big
         note = ""
@@ -241,8 +254,10 @@ def plan(spec, *, methods: tuple[str, ...] = METHODS, strategies: tuple[str, ...
                 else:
                     live = measured.peak_live_bytes - sharded
                 activations = measured.saved_bytes
+                probe_context = (min(measured.probe_seq_len, shape.document_len) if shape.document_len
+                                 else measured.probe_seq_len)
                 probe_flops = step_flops(counts, config, method, measured.probe_rows * measured.probe_seq_len,
-                                         measured.probe_seq_len, gradient_checkpointing=shape.gradient_checkpointing,
+                                         probe_context, gradient_checkpointing=shape.gradient_checkpointing,
                                          chunked_loss=chunked)
                 fb = measured.forward_backward_seconds * flops_micro / probe_flops
                 step = t.grad_accum * fb + measured.optimizer_seconds  # ranks: communication not modelled

@@ -44,7 +44,7 @@ PROBE_FLOPS = 1e12  # and at most this many FLOPs per probe step (about a second
 WHOLE_MODEL_FLOPS = 4e12  # probe the whole model, not cuts, when its probe step costs at most this
 SETTLE_STEPS = 6  # at most this many steady-state steps until the resident set stops growing
 WHOLE_MODEL_PARAMS = 1e9  # and it has at most this many parameters (building it is the run's own load)
-CACHE_VERSION = 12
+CACHE_VERSION = 14
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class RunShape:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1
     packing: bool = False
+    document_len: int = 0  # packing: the documents' length in the packed row (max_seq_len); 0: the whole row
+    lengths: tuple = ()  # variable-length data: shorter row lengths the run's micro-batches also take
     rows: int = 4  # micro-batch rows (batch_size, or the split micro_batch_tokens gives)
     seq_len: int = 512
     optimizer: str = "adamw"
@@ -92,10 +94,10 @@ def _machine() -> dict:
         cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
     except OSError:
         pass
-    import transformers
+    from tuneforge.planning.calibrate import library_versions
 
-    return {"cpu": cpu or platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {"cpu": cpu or platform.processor(), "threads": torch.get_num_threads(), "libraries": library_versions(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _quantize_linears(model, head, compute_dtype: torch.dtype) -> None:
@@ -178,13 +180,18 @@ def build_probe_model(config, shape: RunShape, layers: int):
     return model, kernels
 
 
-def _batch(vocab: int, rows: int, seq_len: int, packing: bool, generator: torch.Generator) -> dict:
+def _batch(vocab: int, rows: int, seq_len: int, packing: bool, generator: torch.Generator,
+           document_len: int = 0) -> dict:
+    """Random tokens; packed: one row of rows x seq_len tokens holding documents of `document_len` tokens
+    (default seq_len), positions restarting in each, as data/batching.collate_packed builds it."""
     ids = torch.randint(0, vocab, (rows, seq_len), generator=generator)
     if packing:
-        starts = [i * seq_len for i in range(rows)]
+        total = rows * seq_len
+        doc = min(document_len or seq_len, total)
+        starts = list(range(0, total, doc))
+        positions = torch.cat([torch.arange(min(doc, total - s)) for s in starts])
         return {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1).clone(),
-                "position_ids": torch.arange(seq_len).repeat(rows)[None],
-                "cu_seq_lens_q": torch.tensor(starts + [rows * seq_len])}
+                "position_ids": positions[None], "cu_seq_lens_q": torch.tensor(starts + [total])}
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
@@ -246,8 +253,8 @@ def probe_point(config, shape: RunShape, layers: int, rows: int, seq_len: int, r
     ac = None if shape.autocast == "float32" else getattr(torch, shape.autocast)
     generator = torch.Generator().manual_seed(0)
 
-    def forward_backward():  # a fresh batch each step, as in a run (its tensors come and go with the step)
-        batch = _batch(config.vocab_size, rows, seq_len, shape.packing, generator)
+    def forward_backward(length: int = seq_len):  # a fresh batch each step, as in a run
+        batch = _batch(config.vocab_size, rows, length, shape.packing, generator, shape.document_len)
         with autocast(device, ac):
             loss, _ = loss_fn(batch)
         (loss / count_targets(batch["labels"])).backward()
@@ -265,19 +272,26 @@ def probe_point(config, shape: RunShape, layers: int, rows: int, seq_len: int, r
     # The resident set keeps growing for a few steps: after the first large buffers are freed, glibc raises its
     # mmap threshold and later ones come from the heap, which keeps them (DoRA on SmolLM2 grew 874 -> 1146 ->
     # 1326 MB over steps 1-3, then stayed). Step until it settles (two steps without growth), timing the best.
+    # Data of varied lengths grows the heap further (every new shape allocates anew: SmolLM2 QLoRA 2 x 97 grew
+    # 274 MB over ten fixed-shape steps, 415 MB cycling through lengths 33-97), so the steps cycle through the
+    # run's row lengths (`shape.lengths`, those not above this point's), twice, before settling counts.
+    cycle = [seq_len] + [n for n in shape.lengths if n < seq_len]
+    least = max(repeats, 2 * len(cycle) if len(cycle) > 1 else 0)
     fb = opt = float("inf")
     high, still = _rss_high_water_mark(), 0
-    for i in range(SETTLE_STEPS):
+    for i in range(max(SETTLE_STEPS, least + 2)):
+        length = cycle[(i + 1) % len(cycle)]
         t0 = time.perf_counter()
-        forward_backward()
+        forward_backward(length)
         t1 = time.perf_counter()
         optimizer_step()
         t2 = time.perf_counter()
-        fb, opt = min(fb, t1 - t0), min(opt, t2 - t1)
+        if length == seq_len:  # the time of the largest micro-batch, which the planner scales by FLOPs
+            fb, opt = min(fb, t1 - t0), min(opt, t2 - t1)
         now = _rss_high_water_mark()
         still = still + 1 if now - high <= max(4 * 2**20, 0.02 * (now - rss_before)) else 0
         high = now
-        if still >= 2 and i + 1 >= repeats:
+        if still >= 2 and i + 1 >= least and fb < float("inf"):
             break
     # the growth of plain steps: the tracked step below runs under a dispatch mode, whose bookkeeping moves the heap
     rss_growth = max(0, _rss_high_water_mark() - rss_before) if rss_before else 0
@@ -414,6 +428,7 @@ def _child() -> None:
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     shape_dict = request["shape"]
     shape_dict["kernels"] = tuple(tuple(kv) for kv in shape_dict["kernels"])
+    shape_dict["lengths"] = tuple(shape_dict.get("lengths", ()))
     if isinstance(shape_dict["target_modules"], list):
         shape_dict["target_modules"] = tuple(shape_dict["target_modules"])
     shape = RunShape(**shape_dict)

@@ -90,3 +90,25 @@ def test_phi3_configs_match_their_published_sizes(name, total):
     assert json.loads((DATA / name / "config.json").read_text())["model_type"] == "phi3"
     c = count_params(load_config(str(DATA / name)), "full", AdapterSpec())
     assert c.total == total
+
+
+def test_row_lengths_are_the_quartiles_below_the_longest_row():
+    """Variable-length data: the probe also steps at the examples' length quartiles (capped at the row length);
+    fixed-length, packed or unknown data: only the longest row."""
+    from tuneforge.planning.plan import row_lengths
+
+    lengths = list(range(1, 101))  # 1..100
+    assert row_lengths(lengths, 128, packing=False) == (75, 50, 25)
+    assert row_lengths(lengths, 60, packing=False) == (50, 25)  # 75 is capped to the row's 60: that is the row
+    assert row_lengths([256] * 8, 256, packing=False) == ()
+    assert row_lengths(lengths, 128, packing=True) == ()
+    assert row_lengths(None, 128, packing=False) == ()
+
+
+def test_packed_attention_is_counted_per_document(tiny_config):
+    """A packed row of 8 documents of 128 tokens costs the decoder of 1,024 tokens but attention of 8 x 128^2,
+    as models/attention.py computes it; so its FLOPs lie between 8 rows of 128 and one row of 1,024."""
+    counts = count_params(tiny_config, "lora", AdapterSpec())
+    per_document = step_flops(counts, tiny_config, "lora", 1024, 128)
+    one_row = step_flops(counts, tiny_config, "lora", 1024, 1024)
+    assert per_document == step_flops(counts, tiny_config, "lora", 8 * 128, 128) < one_row
