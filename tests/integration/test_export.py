@@ -38,14 +38,14 @@ def train_run(model_dir: Path, root: Path, name: str, seed: int = 42, steps: int
 def tiny_runs(tiny_models, tmp_path_factory) -> dict[str, Path]:
     """One tiny LoRA run per architecture (4 steps at lr 1e-2: the fine-tune visibly changes predictions)."""
     root = tmp_path_factory.mktemp("export-runs")
-    return {arch: train_run(tiny_models[arch], root, f"run-{arch}") for arch in ("llama", "phi3")}
+    return {arch: train_run(tiny_models[arch], root, f"run-{arch}") for arch in ("llama", "phi3", "qwen2")}
 
 
 def gate(record: dict, name: str) -> dict:
     return next(g for g in record["gates"] if g["name"] == name)
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2"])
 def test_onnx_fp32_export_has_identical_greedy_tokens(tiny_runs, tmp_path, arch):
     from tuneforge.export import export_onnx
 
