@@ -9,7 +9,7 @@ import pytest
 deepspeed = pytest.importorskip("deepspeed")
 
 from tests.distributed.conftest import deepspeed_combos, metrics, write_matrix  # noqa: E402
-from tests.distributed.test_equality import matches_one_process  # noqa: E402
+from tests.distributed.test_equality import matrix_check  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -19,12 +19,7 @@ DS_STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero2+offload", "zero3+offlo
 def test_deepspeed_matches_one_process_and_resumes(rank_runs, one_process_runs):
     """Every method at every stage; docs/distributed.md's DeepSpeed table is rewritten from these runs."""
     root, results = rank_runs
-    problems, cells = {}, {}
-    for m, s in deepspeed_combos():
-        problem = matches_one_process(one_process_runs / f"single-{m}", root / f"ds-{m}-{s}", m, results[f"ds-{m}/{s}"])
-        cells[f"{m}/{s}"] = {"ok": problem is None}
-        if problem:
-            problems[f"{m}/{s}"] = problem
+    problems, cells = matrix_check(rank_runs, one_process_runs, deepspeed_combos(), prefix="ds-")
     write_matrix("deepspeed", DS_STRATEGIES, ("lora", "dora", "full", "qlora"), cells,
                  {("qlora", s): "4-bit weights" for s in DS_STRATEGIES})
     assert not problems, problems

@@ -46,6 +46,20 @@ def matches_one_process(single: Path, run: Path, method: str, result: dict) -> s
     return None if worst < 1e-4 else f"weights differ by {worst}"
 
 
+def matrix_check(rank_runs, one_process_runs, combos, prefix: str = "") -> tuple[dict, dict]:
+    """(problems, matrix cells) of every (method, strategy) 2-rank run against its 1-process run; `prefix`
+    names the backend's runs (`ds-` for DeepSpeed)."""
+    root, results = rank_runs
+    problems, cells = {}, {}
+    for m, s in combos:
+        problem = matches_one_process(one_process_runs / f"single-{m}", root / f"{prefix}{m}-{s}", m,
+                                      results[f"{prefix}{m}/{s}"])
+        cells[f"{m}/{s}"] = {"ok": problem is None}
+        if problem:
+            problems[f"{m}/{s}"] = problem
+    return problems, cells
+
+
 def test_every_method_and_strategy_matches_one_process(rank_runs, one_process_runs):
     """The table in docs/distributed.md is rewritten from these runs, then every combination must have passed."""
     import yaml
@@ -53,12 +67,7 @@ def test_every_method_and_strategy_matches_one_process(rank_runs, one_process_ru
     from transformers import AutoModelForCausalLM
 
     root, results = rank_runs
-    problems, cells = {}, {}
-    for m, s in torch_matrix_combos():
-        problem = matches_one_process(one_process_runs / f"single-{m}", root / f"{m}-{s}", m, results[f"{m}/{s}"])
-        cells[f"{m}/{s}"] = {"ok": problem is None}
-        if problem:
-            problems[f"{m}/{s}"] = problem
+    problems, cells = matrix_check(rank_runs, one_process_runs, torch_matrix_combos())
     refused = {("qlora", s): "4-bit weights cannot be sharded" for s in ("zero2", "zero3", "zero3+offload")}
     write_matrix("torch", TORCH_STRATEGIES, ONE_PROCESS_METHODS, cells, refused)
     assert not problems, problems

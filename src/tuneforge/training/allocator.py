@@ -20,12 +20,10 @@ THRESHOLD_BYTES = 1 << 20
 
 def return_big_buffers_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
     """Set glibc's mmap threshold for this process (also stops glibc raising it); False if not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) if libc else False
+    except AttributeError:  # not glibc (e.g. musl has no mallopt)
         return False
     log.debug("malloc mmap threshold %d bytes: %s", threshold, ok)
     return ok
@@ -38,10 +36,18 @@ def release_free_memory() -> bool:
     import gc
 
     gc.collect()
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
+        return bool(libc.malloc_trim(0)) if libc else False
+    except AttributeError:  # not glibc
         return False
+
+
+def _glibc():
+    """The C library on Linux (None elsewhere or when it cannot be loaded)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
