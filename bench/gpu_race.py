@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,9 @@ def peak_memory_mb() -> float:
     if device() == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from tuneforge.training.metrics import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def child_tuneforge(model: Path, data: Path, out: Path, batch_size: int, max_seq_len: int) -> dict:

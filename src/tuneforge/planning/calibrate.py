@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: the peak is VmHWM (ru_maxrss carried the parent's peak into the child)
 # what a training process may import: their versions key the cached figures (an installed DeepSpeed, say, is
 # imported by transformers and moves the baseline; a cached baseline of 783 MB stood where a fresh one was 476)
 LIBRARIES = ("tuneforge", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "deepspeed", "tokenizers",
@@ -36,8 +36,6 @@ def library_versions() -> dict[str, str | None]:
 
 
 def _baseline_child(tokenizer_path: str) -> None:
-    import resource
-
     import torch
 
     import tuneforge.inference  # noqa: F401  (what `tuneforge train` imports through the API)
@@ -68,7 +66,9 @@ def _baseline_child(tokenizer_path: str) -> None:
         a = (a @ a).tanh_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (a @ a).sum()
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    from tuneforge.training.metrics import peak_rss_mb  # this process's own peak, not its parent's (see there)
+
+    print(json.dumps({"rss_mb": peak_rss_mb()}))
 
 
 def process_baseline_mb(tokenizer_path: Path | None = None, *, threads: int | None = None, use_cache: bool = True) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 from pathlib import Path
 
 from tuneforge.files import atomic_write_text
@@ -12,7 +13,20 @@ log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident set in MB.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process image's own memory. Not getrusage's
+    ru_maxrss: the kernel carries the parent's high-water mark into a child across fork/vfork + exec, so a run
+    started by a 1.5 GB process (a pytest worker, the service's worker) reported 1.5 GB whatever it used."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux and BSDs KiB
 
 
 def _parse_lines(text: str) -> tuple[list[dict], int]:
