@@ -120,15 +120,25 @@ def _train_ranks(job: JobSpec, *, resume: bool, overwrite: bool, stop_after: int
         proc.wait()
         for reader in readers:
             reader.join(timeout=10)
-    out = "".join(stdout)
-    start = out.rfind('{\n  "status"')  # rank 0's `--json` summary is the last thing on stdout
-    if proc.returncode in (0, 130, 143) and start >= 0:
-        return RunSummary.model_validate_json(out[start:].strip())
+    summary = main_rank_summary("".join(stdout)) if proc.returncode in (0, 130, 143) else None
+    if summary is not None:
+        return summary
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     err = DistributedError("; ".join(dict.fromkeys(errors))[:2000] or
                            f"the ranks' launcher exited with code {proc.returncode}: {' | '.join(lines[-5:])[:1000]}")
     err.exit_code = proc.returncode if proc.returncode > 0 else 1
     raise err
+
+
+def main_rank_summary(stdout: str) -> RunSummary | None:
+    """Rank 0's `--json` summary in the launcher's stdout (the last one; a library may print more after it)."""
+    start = stdout.rfind('{\n  "status"')
+    if start < 0:
+        return None
+    try:
+        return RunSummary.model_validate(json.JSONDecoder().raw_decode(stdout, start)[0])
+    except ValueError:  # not JSON, or not a summary (pydantic's ValidationError is a ValueError)
+        return None
 
 
 def _predict_peak(job: JobSpec, handler: EventHandler | None, strict: bool) -> float | None:

@@ -131,7 +131,7 @@ def cmd_data_generate(args) -> int:
 
 def cmd_k8s_render(args) -> int:
     from tuneforge import api, files
-    from tuneforge.distributed.k8s import render_pytorchjob
+    from tuneforge.distributed.k8s import render_pytorchjob, write_manifest
 
     job = api.resolve_job(args.spec, args.set)
     name = args.name or "tuneforge-" + files.expand(args.spec).stem.lower().replace("_", "-")
@@ -139,11 +139,7 @@ def cmd_k8s_render(args) -> int:
                              namespace=args.namespace, volume_claim=args.volume_claim, resume=args.resume)
     if args.out:
         out = files.expand(args.out)
-        if out.exists() and not args.overwrite:
-            from tuneforge.errors import SpecError
-
-            raise SpecError(f"--out: {out} exists; pass --overwrite to replace it")
-        files.atomic_write_text(out, text)
+        write_manifest(out, text, overwrite=args.overwrite)
         print(f"wrote {out}: kubectl apply -f {out}", file=sys.stderr)
     else:
         print(text, end="")
@@ -279,9 +275,12 @@ def _plan_spec(args):
     from pathlib import Path
 
     from tuneforge import api
+    from tuneforge.errors import SpecError
 
     target = Path(args.spec).expanduser()
-    if target.is_file() and target.suffix in (".yaml", ".yml", ".json"):
+    if target.suffix in (".yaml", ".yml", ".json") and not target.is_dir():
+        if not target.is_file():
+            raise SpecError(f"{args.spec}: no such spec file")
         return api.resolve_job(args.spec, args.set)
     return api.resolve_job({"model": args.spec, "data": {"train": "-"}}, args.set)
 
@@ -289,8 +288,7 @@ def _plan_spec(args):
 def cmd_plan(args) -> int:
     from tuneforge import api
 
-    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
-    strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else None
+    methods, strategies = args.methods, args.strategies
     progress = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
     result = api.plan(_plan_spec(args), methods=methods, strategies=strategies, device=args.device,
                       memory_gb=args.memory_gb, nproc=args.nproc, progress=progress)
@@ -306,8 +304,7 @@ def cmd_plan(args) -> int:
 def cmd_compare(args) -> int:
     from tuneforge import api
 
-    methods = tuple(m.strip() for m in args.methods.split(","))
-    path = api.compare(args.spec, methods=methods, out=args.out, overrides=args.set, steps=args.steps,
+    path = api.compare(args.spec, methods=args.methods, out=args.out, overrides=args.set, steps=args.steps,
                        overwrite=args.overwrite, progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(f"comparison written to {path}")
     return 0
@@ -333,6 +330,23 @@ def _number(kind, low: float, what: str):
 
 
 positive_int = _number(int, 1, "a whole number of at least 1")
+
+
+def port_number(text: str) -> int:
+    port = _number(int, 1, "a TCP port, 1-65535")(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1-65535, got {port}")
+    return port
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names (--methods lora,dora): at least one, no blanks, no repeats."""
+    names = [n.strip() for n in text.split(",")]
+    if not any(names):
+        raise argparse.ArgumentTypeError("must name at least one, comma-separated")
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"has an empty name in {text!r}")
+    return tuple(dict.fromkeys(names))
 non_negative_float = _number(float, 0.0, "0 or more")
 
 def _service_settings(args):
@@ -395,9 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nproc", type=positive_int, metavar="N", help="ranks on this node, launched through "
                    "torch.distributed.run (distributed.nproc; strategy ddp unless the spec says otherwise)")
     g.add_argument("--nnodes", type=positive_int, metavar="N", help="nodes taking part (distributed.nnodes)")
-    g.add_argument("--node-rank", type=int, metavar="R", help="this node's index, 0 on the node hosting the rendezvous")
+    g.add_argument("--node-rank", type=_number(int, 0, "a whole number, 0 or more"), metavar="R", help="this node's index, 0 on the node hosting the rendezvous")
     g.add_argument("--master-addr", metavar="HOST", help="address of node 0 (distributed.master_addr)")
-    g.add_argument("--master-port", type=int, metavar="PORT", help="rendezvous port on node 0 (distributed.master_port)")
+    g.add_argument("--master-port", type=port_number, metavar="PORT", help="rendezvous port on node 0 (distributed.master_port)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="inspect training data")
@@ -550,15 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory to plan for (default: this machine's RAM, or the GPU's)")
     p.add_argument("--nproc", type=positive_int, default=1, help="data-parallel processes: per-rank estimates "
                    "for ddp, zero1, zero2, zero3")
-    p.add_argument("--methods", help="comma-separated (default: full,lora,dora,qlora,ia3,prompt_tuning)")
-    p.add_argument("--strategies", help="comma-separated: none,ddp,zero1,zero2,zero3 (default: none; with --nproc: the others)")
+    p.add_argument("--methods", type=name_list, help="comma-separated (default: full,lora,dora,qlora,ia3,prompt_tuning)")
+    p.add_argument("--strategies", type=name_list, help="comma-separated: none,ddp,zero1,zero2,zero3 (default: none; with --nproc: the others)")
     p.add_argument("--json", action="store_true", help="per combination: method, strategy, total_params, "
                    "trainable_params, predicted_peak_mb, predicted_step_seconds, fits, ...")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("compare", help="train each method for the same steps and data; compare.md + charts")
     p.add_argument("spec", help="job spec (YAML): model, data, training settings")
-    p.add_argument("--methods", default="lora,dora,qlora,ia3,full", help="comma-separated (default: lora,dora,qlora,ia3,full)")
+    p.add_argument("--methods", type=name_list, default=("lora", "dora", "qlora", "ia3", "full"), help="comma-separated (default: lora,dora,qlora,ia3,full)")
     p.add_argument("--out", required=True, help="folder for compare.md, the PNG charts and the runs")
     p.add_argument("--steps", type=positive_int, help="optimizer steps per method (default: the spec's max_steps, else 20)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's run")

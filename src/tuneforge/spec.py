@@ -351,11 +351,17 @@ def _problems(err: ValidationError, source: str, lines: dict[tuple, int], overri
             msg = "required but missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            located = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", msg, re.S) if not loc else None
-            if located:  # a cross-field check that names the key it is about
+            located = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", msg, re.S)
+            if located and loc:  # a section's cross-field check naming one of the section's own keys
+                inner = tuple(located.group(1).split("."))
+                located = located if inner[0] in _fields_at(JobSpec, loc + inner[:1]) else None
+                if located:
+                    loc, msg = loc + inner, located.group(2)
+                    dotted = ".".join(map(str, loc))
+            elif located:  # a cross-field check that names the key it is about
                 loc, msg = tuple(located.group(1).split(".")), located.group(2)
                 dotted = located.group(1)
-            elif "input" in e and not isinstance(e["input"], dict):
+            if not located and "input" in e and not isinstance(e["input"], dict):
                 shown = repr(e["input"])
                 msg += f" (got {shown if len(shown) <= 80 else shown[:60] + f'... ({len(shown)} characters)'})"
         key = _overridden_by(loc, overridden)

@@ -66,3 +66,22 @@ def test_bad_arguments_are_one_line(tmp_path, tiny_models, dist_data):
             timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--gpus-per-node" in r.stderr and "--name" in r.stderr
+    r = cli("k8s", "render", str(path), "--nodes", "2", "--gpus-per-node", "1", "--image", "bad image!",
+            "--namespace", "Team_A", "--volume-claim", "my claim", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert all(flag in r.stderr for flag in ("--image: 'bad image!'", "--namespace: 'Team_A'", "--volume-claim"))
+
+
+@pytest.mark.parametrize("image", ["tuneforge", "tuneforge:0.1", "registry.example:5000/team/tuneforge:0.1-cpu",
+                                   "ghcr.io/org/tune_forge@sha256:" + "a" * 64, "localhost/x__y.z-w:Latest"])
+def test_image_references_are_accepted(image):
+    from tuneforge.distributed.k8s import _IMAGE
+
+    assert _IMAGE.match(image)
+
+
+@pytest.mark.parametrize("image", ["Tuneforge", "x:", "x::1", "-x", "x y", "x/", "x:tag@sha256:12"])
+def test_malformed_image_references_are_refused(image):
+    from tuneforge.distributed.k8s import _IMAGE
+
+    assert not _IMAGE.match(image)

@@ -1409,6 +1409,69 @@ case("merge-prompt-tuning-run", ["merge", "runs/prompt", "--out", "merged"], set
 case("merge-base-model-gone", ["merge", "runs/lora", "--out", "merged"],
      setup=_setup(copy_run("lora"), lambda sb: shutil.rmtree(sb.work / "model")), code=1, says=("model",))
 
+# ---------------------------------------------------------------- export (only what fails before a model loads)
+
+ONNX = ["export", "onnx", "runs/lora", "--out"]
+for slug, out, code, says in [c for c in MERGE_CASES if c[0] not in ("another-run",)]:
+    case(f"export-onnx-out-{slug}", [*ONNX, out], setup=_setup(copy_run("lora"), user_notes_in("runs/lora")),
+         code=code, says=says)
+case("export-onnx-out-another-run", [*ONNX, "runs/stopped"], setup=_setup(copy_run("lora"), copy_run("stopped")),
+     code=1, says=("runs/stopped", "did not make"))
+case("export-onnx-not-a-run", ["export", "onnx", "data", "--out", "exports/x"], code=1,
+     says=("data", "not a run folder"))
+case("export-onnx-stopped-run", ["export", "onnx", "runs/stopped", "--out", "exports/x"], setup=copy_run("stopped"),
+     code=1, says=("runs/stopped", "--resume"))
+case("export-onnx-prompt-tuning-run", ["export", "onnx", "runs/prompt", "--out", "exports/x"],
+     setup=copy_run("prompt"), code=1, says=("prompt tuning",))
+case("export-onnx-precision", [*ONNX, "exports/x", "--precision", "fp8"], code=2, says=("--precision", "fp8"))
+case("export-onnx-tolerance", [*ONNX, "exports/x", "--loss-tolerance", "-1"], setup=copy_run("lora"), code=2,
+     says=("--loss-tolerance",))
+GGUF = ["export", "gguf", "runs/lora", "--out"]
+for slug, out, code, says in [
+    ("not-gguf", "model.bin", 2, (".gguf",)), ("a-folder", "data", 2, (".gguf",)),
+    ("users-file", "mine.gguf", 1, ("mine.gguf", "did not write")), ("inside-the-run", "runs/lora/m.gguf", 1,
+                                                                     ("runs/lora",)),
+    ("under-a-file", "NOTES.txt/m.gguf", 1, ("NOTES.txt",)),
+]:
+    case(f"export-gguf-out-{slug}", [*GGUF, out], code=code, says=says,
+         setup=_setup(copy_run("lora"), user_notes_in("runs/lora"), text_file("mine.gguf", b"GGUF mine")))
+case("export-gguf-type", [*GGUF, "m.gguf", "--type", "q4_0"], code=2, says=("--type", "q4_0"))
+case("export-gguf-stopped-run", ["export", "gguf", "runs/stopped", "--out", "m.gguf"], setup=copy_run("stopped"),
+     code=1, says=("runs/stopped", "--resume"))
+
+# ---------------------------------------------------------------- plan, compare, k8s render, several processes
+
+case("plan-spec-missing", ["plan", "nope.yaml"], code=2, says=("nope.yaml", "no such spec file"))
+case("plan-methods-empty", ["plan", "job.yaml", "--methods", ""], code=2, says=("--methods",))
+case("plan-methods-blank-name", ["plan", "job.yaml", "--methods", "lora,,dora"], code=2, says=("--methods",))
+case("plan-methods-unknown", ["plan", "job.yaml", "--methods", "lora,bogus", "--strategies", "zero9"],
+     setup=spec_file(), code=2, says=("bogus", "zero9"))
+case("plan-memory-negative", ["plan", "job.yaml", "--memory-gb", "-2"], code=2, says=("--memory-gb",))
+case("plan-model-folder-without-config", ["plan", "data"], code=1, says=("data",))
+case("compare-out-users-folder", ["compare", "job.yaml", "--methods", "lora", "--out", "mine"], setup=spec_file(),
+     code=1, says=("mine",))
+case("compare-methods-unknown", ["compare", "job.yaml", "--methods", "lora,bogus", "--out", "cmp"],
+     setup=spec_file(), code=2, says=("bogus",))
+K8S = ["k8s", "render", "job.yaml", "--nodes", "2", "--gpus-per-node", "1"]
+case("k8s-image-malformed", [*K8S, "--image", "bad image!"], setup=spec_file(), code=2, says=("--image",))
+case("k8s-namespace-malformed", [*K8S, "--image", "x", "--namespace", "Team_A"], setup=spec_file(), code=2,
+     says=("--namespace",))
+case("k8s-out-users-file", [*K8S, "--image", "x", "--out", "NOTES.txt", "--overwrite"], setup=spec_file(), code=1,
+     says=("NOTES.txt", "did not render"))
+case("k8s-out-a-folder", [*K8S, "--image", "x", "--out", "data", "--overwrite"], setup=spec_file(), code=1,
+     says=("data", "folder"))
+case("k8s-out-exists", [*K8S, "--image", "x", "--out", "NOTES.txt"], setup=spec_file(), code=2,
+     says=("--overwrite",))
+case("k8s-spec-missing", ["k8s", "render", "nope.yaml", "--nodes", "2", "--gpus-per-node", "1", "--image", "x"],
+     code=2, says=("nope.yaml",))
+case("train-master-port", ["train", "job.yaml", "--nproc", "2", "--master-port", "99999"], code=2,
+     says=("--master-port",))
+case("train-node-rank-negative", ["train", "job.yaml", "--node-rank", "-1"], code=2, says=("--node-rank",))
+case("train-node-rank-not-below-nnodes", ["train", "job.yaml", "--nproc", "2", "--nnodes", "2", "--node-rank", "2"],
+     setup=spec_file(), code=2, says=("distributed.node_rank", "nnodes"))
+case("train-qlora-zero3", ["train", "job.yaml", "--nproc", "2", "--set", "distributed.strategy=zero3"],
+     setup=spec_file({"method": "qlora"}), code=2, says=("qlora", "zero3"))
+
 # ---------------------------------------------------------------- demo (only what fails before a model loads)
 
 for slug, out, code, says in [

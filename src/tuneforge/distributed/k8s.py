@@ -10,6 +10,7 @@ ranks through torch.distributed.run exactly as on a workstation. Apply with
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import yaml
 
@@ -20,7 +21,13 @@ SPEC_MOUNT = "/etc/tuneforge"
 WORK_MOUNT = "/workspace"
 OPERATOR_PORT_NAME = "pytorchjob-port"  # the port the training operator publishes as MASTER_PORT
 OPERATOR_PORT = 23456
+HEADER = "# tuneforge: "  # a rendered manifest's first line starts so; --overwrite replaces only such files
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# an image reference as the distribution project's grammar has it: [host[:port]/]path[:tag][@digest]
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+_IMAGE = re.compile(rf"^{_DOMAIN}?{_PATH}(?::[\w][\w.-]{{0,127}})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?$")
 
 
 def cluster_spec(spec: JobSpec, nodes: int, gpus_per_node: int) -> JobSpec:
@@ -47,6 +54,13 @@ def render_pytorchjob(spec: JobSpec, *, nodes: int, gpus_per_node: int, image: s
         problems.append(f"--name: {name!r} is not a Kubernetes name (lower-case letters, digits and '-', at most 50)")
     if not image.strip():
         problems.append("--image: give the container image that has tuneforge installed")
+    elif not _IMAGE.match(image):
+        problems.append(f"--image: {image!r} is not an image reference (e.g. registry.example:5000/team/tuneforge:0.1)")
+    if namespace is not None and not _DNS_LABEL.match(namespace):
+        problems.append(f"--namespace: {namespace!r} is not a Kubernetes namespace (lower-case letters, digits and '-')")
+    if volume_claim is not None and not _DNS_SUBDOMAIN.match(volume_claim):
+        problems.append(f"--volume-claim: {volume_claim!r} is not a PersistentVolumeClaim name "
+                        "(lower-case letters, digits, '-' and '.')")
     if problems:
         raise SpecError("; ".join(problems))
     job = cluster_spec(spec, nodes, gpus_per_node)
@@ -81,10 +95,34 @@ def render_pytorchjob(spec: JobSpec, *, nodes: int, gpus_per_node: int, image: s
     pytorch_job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": meta,
                    "spec": {"runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3},
                             "pytorchReplicaSpecs": replicas}}
-    header = (f"# tuneforge: {nodes} node(s) x {d.nproc} rank(s), strategy {d.strategy} ({d.backend}).\n"
+    header = (f"{HEADER}{nodes} node(s) x {d.nproc} rank(s), strategy {d.strategy} ({d.backend}).\n"
               "# Apply: kubectl apply -f THIS_FILE   (needs the Kubeflow training operator). A failed pod fails\n"
               "# the job; render again with --resume to continue from the newest checkpoint (docs/distributed.md).\n")
     return header + yaml.dump_all([config_map, pytorch_job], Dumper=_ManifestDumper, sort_keys=False)
+
+
+def write_manifest(out: Path, text: str, *, overwrite: bool = False) -> None:
+    """Write the manifest to `out`; an existing file only with `overwrite`, and only one tuneforge rendered."""
+    from tuneforge import files
+    from tuneforge.errors import OutputError
+
+    if out.is_dir() or out.is_symlink():
+        raise OutputError(f"--out: {out} is a {'folder' if out.is_dir() else 'link'}; give the manifest's file path")
+    if out.exists():
+        if not overwrite:
+            raise SpecError(f"--out: {out} exists; pass --overwrite to replace it")
+        try:
+            ours = out.read_text(encoding="utf-8", errors="replace").startswith(HEADER)
+        except OSError as e:
+            raise OutputError(f"--out: cannot read {out}: {e.strerror}") from None
+        if not ours:
+            raise OutputError(f"--out: {out} exists and tuneforge did not render it (its first line is not "
+                              f"'{HEADER.strip()} ...'); choose another file or delete it yourself")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out: cannot create the folder {out.parent}: {e.strerror}") from None
+    files.atomic_write_text(out, text)
 
 
 class _ManifestDumper(yaml.SafeDumper):

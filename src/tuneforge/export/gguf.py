@@ -173,6 +173,9 @@ def made_by_tuneforge(path: Path) -> bool:
 
 
 def check_out_file(out: Path, run: Path) -> None:
+    from tuneforge.inference import require_finished_run
+
+    require_finished_run(run)
     if out.suffix != ".gguf":
         raise SpecError(f"--out: give a .gguf file name, got {out}")
     if out.is_symlink() or out.is_dir():

@@ -170,7 +170,11 @@ def generate(export_dir: str | Path, prompts: list, *, max_new_tokens: int = 128
 # ---- output folders -------------------------------------------------------------------------------------
 
 def check_out_folder(out: Path, run: Path, field: str = "--out") -> None:
-    """OutputError unless `out` is new, empty, or an earlier tuneforge export (replaced)."""
+    """OutputError unless `out` is new, empty, or an earlier tuneforge export (replaced); first, CheckpointError
+    unless `run` is a finished run (what is wrong with the run is the first thing to say)."""
+    from tuneforge.inference import require_finished_run
+
+    require_finished_run(run)
     files.refuse_special(out, field)
     r, o = run.resolve(), out.resolve()
     if o == r or r in o.parents or o in r.parents:
