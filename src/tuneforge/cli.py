@@ -56,8 +56,7 @@ def stop_on_signals(stop):
 
 def cmd_train(args) -> int:
     from tuneforge import api
-    from tuneforge.hardware import resolve_device
-    from tuneforge.training.allocator import return_big_buffers_to_os
+    from tuneforge.training.allocator import return_big_buffers_to_os, returns_big_buffers
     from tuneforge.training.events import ConsoleProgress, StopRequest
 
     overrides = args.set + _distributed_overrides(args)
@@ -73,7 +72,7 @@ def cmd_train(args) -> int:
         rank_args += ["--stop-after", str(args.stop_after)] if args.stop_after else []
         launch_ranks(job.distributed, rank_args)
         return 0
-    if job.method == "qlora" and resolve_device(job.device).type == "cpu":
+    if returns_big_buffers(job):
         return_big_buffers_to_os()  # process-wide, so set here at the entry point (see training/allocator.py)
     stop = StopRequest()
     console = ConsoleProgress(bar=not args.quiet)

@@ -54,3 +54,21 @@ def test_config_from_spec_and_from_user_json(tmp_path):
         deepspeed_config(d, batch_size=4, max_grad_norm=1.0, autocast_dtype=None, user={"optimizer": {"type": "Adam"}})
     with pytest.raises(SpecError, match="gradient_clipping"):
         deepspeed_config(d, batch_size=4, max_grad_norm=1.0, autocast_dtype=None, user={"gradient_clipping": 5.0})
+    # a Hugging Face template's "auto" values are filled from the spec, not refused
+    hf = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+          "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+          "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 1000}}
+    filled = deepspeed_config(d, batch_size=4, max_grad_norm=1.0, autocast_dtype=None, user=hf)
+    assert filled["train_micro_batch_size_per_gpu"] == 4 and filled["gradient_clipping"] == 1.0
+    assert "fp16" not in filled and "bf16" not in filled
+
+
+def test_buckets_are_sized_to_the_model_unless_the_user_set_them():
+    from tuneforge.distributed.deepspeed import size_buckets
+
+    zero3 = size_buckets({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                                 "stage3_prefetch_bucket_size": 1000}}, 576)["zero_optimization"]
+    assert zero3 == {"stage": 3, "reduce_bucket_size": 576 * 576, "allgather_bucket_size": 576 * 576,
+                     "stage3_prefetch_bucket_size": 1000, "stage3_param_persistence_threshold": 5760}
+    zero2 = size_buckets({"zero_optimization": {"stage": 2}}, 64)["zero_optimization"]
+    assert zero2 == {"stage": 2, "reduce_bucket_size": 4096, "allgather_bucket_size": 4096}

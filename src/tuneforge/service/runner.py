@@ -161,9 +161,8 @@ def write_json(path: Path, data: dict) -> None:
 def run(job_id: str, worker_id: str | None = None) -> int:
     from tuneforge import api
     from tuneforge.errors import TuneforgeError
-    from tuneforge.hardware import resolve_device
     from tuneforge.spec import JobSpec
-    from tuneforge.training.allocator import return_big_buffers_to_os
+    from tuneforge.training.allocator import return_big_buffers_to_os, returns_big_buffers
     from tuneforge.training.checkpoint import latest_checkpoint
     from tuneforge.training.events import StopRequest
 
@@ -183,7 +182,7 @@ def run(job_id: str, worker_id: str | None = None) -> int:
             import torch
 
             torch.set_num_threads(settings.training_threads)
-        if spec.method == "qlora" and resolve_device(spec.device).type == "cpu":
+        if returns_big_buffers(spec):
             return_big_buffers_to_os()  # process-wide: this process is this job's alone
         org = ctx.store.get_org(job["org_id"])
         events = JobEvents(ctx, job, ft_model_name(job["model"], org["name"], job["suffix"], job_id), spec, worker_id)

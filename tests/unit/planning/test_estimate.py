@@ -112,3 +112,18 @@ def test_packed_attention_is_counted_per_document(tiny_config):
     per_document = step_flops(counts, tiny_config, "lora", 1024, 128)
     one_row = step_flops(counts, tiny_config, "lora", 1024, 1024)
     assert per_document == step_flops(counts, tiny_config, "lora", 8 * 128, 128) < one_row
+
+
+def test_per_rank_bytes_by_hand():
+    """What one of 2 ranks holds: ddp and zero1 (torch's ZeroRedundancyOptimizer runs under DDP) keep a second copy
+    of the gradients in DDP's buckets; ZeRO divides the optimizer state, then the gradients, then the weights."""
+    from types import SimpleNamespace
+
+    from tuneforge.planning.plan import per_rank
+
+    static = SimpleNamespace(weights=400, gradients=400, optimizer=800)
+    assert per_rank(static, "none", 2, 4) == (400, 400, 800, 0)
+    assert per_rank(static, "ddp", 2, 4) == (400, 400, 800, 400)
+    assert per_rank(static, "zero1", 2, 4) == (400, 400, 400, 400)
+    assert per_rank(static, "zero2", 2, 4) == (400, 200, 400, 0)
+    assert per_rank(static, "zero3", 2, 4) == (200, 200, 400, 200)  # + one gathered layer and its prefetch

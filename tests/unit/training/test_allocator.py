@@ -26,3 +26,20 @@ def test_release_free_memory_returns_freed_heap_pages():
     after = _rss_mb()
     assert before - after >= 64, (before, after)
     del keep
+
+
+@pytest.mark.parametrize("method, distributed, device, expected", [
+    ("qlora", None, "cpu", True), ("lora", None, "cpu", False), ("full", None, "cpu", False),
+    ("full", {"strategy": "ddp", "nproc": 2}, "cpu", False), ("full", {"strategy": "zero1", "nproc": 2}, "cpu", True),
+    ("lora", {"strategy": "zero2", "nproc": 2}, "cpu", True),
+    ("full", {"strategy": "zero3", "backend": "deepspeed", "nproc": 2}, "cpu", True),
+])
+def test_the_memory_first_runs_return_big_buffers(method, distributed, device, expected):
+    """On CPU the fixed mmap threshold is for the runs whose point is memory: qlora and ZeRO 1-3, not ddp or one
+    process (page faults cost those 20-27 % of their speed; training/allocator.py)."""
+    from tuneforge.spec import build_spec
+    from tuneforge.training.allocator import returns_big_buffers
+
+    spec = build_spec({"model": "m", "data": {"train": "t.jsonl"}, "method": method, "device": device,
+                       **({"distributed": distributed} if distributed else {})})
+    assert returns_big_buffers(spec) is expected
