@@ -147,7 +147,7 @@ def bpe_model(root: Path, arch: str) -> Path:
 @pytest.fixture(scope="session")
 def bpe_runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf-runs")
-    return {arch: train_run(bpe_model(root, arch), root, f"run-{arch}") for arch in ("llama", "phi3")}
+    return {arch: train_run(bpe_model(root, arch), root, f"run-{arch}") for arch in ("llama", "phi3", "qwen2")}
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def bpe_llama_run(bpe_runs) -> Path:
     return bpe_runs["llama"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2"])
 def test_gguf_f16_reads_back_with_equal_logits_and_tokens(bpe_runs, tmp_path, arch):
     import torch
     from transformers import AutoModelForCausalLM
