@@ -15,7 +15,8 @@ from tuneforge import files
 from tuneforge.errors import CheckpointError, OutputError, SpecError, TuneforgeError
 from tuneforge.inference import LoadedModel, generate, is_run_dir, load, require_finished_run
 from tuneforge.spec import JobSpec, build_spec, load_spec
-from tuneforge.training.events import ConsoleProgress, EventHandler, RunEvent, RunSummary, StopRequest
+from tuneforge.training.events import (ConsoleProgress, EventHandler, RunEvent, RunSummary, StopRequest,
+                                      summary_in_output)
 
 __all__ = ["train", "report", "evaluate", "load", "generate", "merge", "summary", "LoadedModel", "RunSummary",
            "RunEvent", "StopRequest", "resolve_job", "is_run_dir", "plan", "compare"]
@@ -120,7 +121,7 @@ def _train_ranks(job: JobSpec, *, resume: bool, overwrite: bool, stop_after: int
         proc.wait()
         for reader in readers:
             reader.join(timeout=10)
-    summary = main_rank_summary("".join(stdout)) if proc.returncode in (0, 130, 143) else None
+    summary = summary_in_output("".join(stdout)) if proc.returncode in (0, 130, 143) else None
     if summary is not None:
         return summary
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
@@ -128,17 +129,6 @@ def _train_ranks(job: JobSpec, *, resume: bool, overwrite: bool, stop_after: int
                            f"the ranks' launcher exited with code {proc.returncode}: {' | '.join(lines[-5:])[:1000]}")
     err.exit_code = proc.returncode if proc.returncode > 0 else 1
     raise err
-
-
-def main_rank_summary(stdout: str) -> RunSummary | None:
-    """Rank 0's `--json` summary in the launcher's stdout (the last one; a library may print more after it)."""
-    start = stdout.rfind('{\n  "status"')
-    if start < 0:
-        return None
-    try:
-        return RunSummary.model_validate(json.JSONDecoder().raw_decode(stdout, start)[0])
-    except ValueError:  # not JSON, or not a summary (pydantic's ValidationError is a ValueError)
-        return None
 
 
 def _predict_peak(job: JobSpec, handler: EventHandler | None, strict: bool) -> float | None:
@@ -278,13 +268,15 @@ def plan(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str,
 
 def compare(spec: JobSpec | dict | str | Path, *, methods=("lora", "dora", "qlora", "ia3", "full"), out: str | Path,
             overrides: list[str] | tuple[str, ...] = (), steps: int | None = None, overwrite: bool = False,
-            progress=None) -> Path:
-    """Train `spec` once per method (same data and steps, each in its own process) and write `compare.md` with
-    PNG charts beside the source document's claims (`tuneforge compare`); returns the path of compare.md."""
+            strategies: tuple[str, ...] = (), nproc: int = 2, backend: str = "torch", progress=None) -> Path:
+    """Train `spec` once per method (same data and steps, each in its own process), and with `strategies` full
+    fine-tuning at `nproc` ranks under each, and write `compare.md` with PNG charts beside the source document's
+    claims (`tuneforge compare`); returns the path of compare.md."""
     from tuneforge.planning.compare import compare_methods
 
     return compare_methods(resolve_job(spec, overrides), methods=tuple(methods), out=out, steps=steps,
-                           overwrite=overwrite, progress=progress)
+                           overwrite=overwrite, progress=progress, strategies=tuple(strategies), nproc=nproc,
+                           backend=backend)
 
 
 def summary(run_dir: str | Path) -> dict:

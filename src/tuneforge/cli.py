@@ -304,7 +304,8 @@ def cmd_compare(args) -> int:
     from tuneforge import api
 
     path = api.compare(args.spec, methods=args.methods, out=args.out, overrides=args.set, steps=args.steps,
-                       overwrite=args.overwrite, progress=lambda text: print(text, file=sys.stderr, flush=True))
+                       overwrite=args.overwrite, strategies=args.strategies or (), nproc=args.nproc,
+                       backend=args.backend, progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(f"comparison written to {path}")
     return 0
 
@@ -575,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for compare.md, the PNG charts and the runs")
     p.add_argument("--steps", type=positive_int, help="optimizer steps per method (default: the spec's max_steps, else 20)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's run")
+    p.add_argument("--strategies", type=name_list, help="also full fine-tuning at --nproc ranks under each of "
+                   "ddp,zero1,zero2,zero3: the source's DeepSpeed/ZeRO columns, per-rank memory")
+    p.add_argument("--nproc", type=positive_int, default=2, help="ranks for --strategies (default: 2)")
+    p.add_argument("--backend", choices=["torch", "deepspeed"], default="torch",
+                   help="--strategies through torch (DDP, ZeroRedundancyOptimizer, FSDP2) or DeepSpeed (default: torch)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
     p.set_defaults(func=cmd_compare)
 

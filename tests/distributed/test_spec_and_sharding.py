@@ -80,7 +80,7 @@ def test_main_rank_summary_is_read_past_what_libraries_print():
     """The launcher's stdout holds rank 0's `--json` summary; lines a library prints before or after it are skipped."""
     import json
 
-    from tuneforge.api import main_rank_summary
+    from tuneforge.training.events import summary_in_output as main_rank_summary
 
     summary = {"status": "stopped", "stop_reason": "SIGTERM", "output_dir": "runs/x", "method": "lora", "task": "chat",
                "model": "m", "model_path": "/m", "model_type": "llama", "trainable_params": 1, "total_params": 2,

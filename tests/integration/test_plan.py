@@ -109,6 +109,36 @@ def test_compare_writes_the_table_for_every_method_and_predictions_hold(wide_tin
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
+def test_compare_measures_the_data_parallel_columns(wide_tiny, tmp_path, capsys):
+    """compare --strategies: full fine-tuning at 2 ranks under ddp and zero3 beside one process; each rank's peak
+    comes from the run's summary, and the source's ZeRO column is filled from them."""
+    import yaml
+
+    data = write_fixed_length_text(tmp_path / "text.jsonl", 24, words=200)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_spec(wide_tiny, data, "full", SEQ)))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(spec), "--methods", "full", "--strategies", "ddp,zero3", "--nproc", "2",
+                 "--out", str(out), "--steps", "2"]) == 0
+    results = json.loads((out / "compare.json").read_text())["results"]
+    assert list(results) == ["full", "ddp", "zero3"]
+    for key in ("ddp", "zero3"):
+        r = results[key]
+        assert r["ranks"] == 2 and len(r["rank_peak_rss_mb"]) == 2 and r["peak_rss_mb"] == max(r["rank_peak_rss_mb"])
+        assert min(r["rank_peak_rss_mb"]) > 100 and r["predicted_peak_mb"] > 0
+    # the same global batch (2 ranks x the same micro-batch) under both: the same losses
+    assert results["zero3"]["train_loss"] == pytest.approx(results["ddp"]["train_loss"], abs=1e-4)
+    text = (out / "compare.md").read_text()
+    assert "| full, zero3 × 2 ranks |" in text and "ZeRO (zero3)" in text and "× ddp's peak" in text
+    assert "per example" in text
+    capsys.readouterr()
+    assert main(["compare", str(spec), "--strategies", "zero9", "--out", str(tmp_path / "c2")]) == 2
+    assert main(["compare", str(spec), "--strategies", "ddp", "--nproc", "1", "--out", str(tmp_path / "c3")]) == 2
+    err = capsys.readouterr().err
+    assert "zero9" in err and "--nproc" in err and "Traceback" not in err
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()
+
+
 @pytest.mark.parametrize("method, seq_len, training", [("lora", 384, {"gradient_checkpointing": True})])
 def test_predicted_peak_within_15_percent_at_longer_sequences(wide_tiny, tmp_path, method, seq_len, training):
     data = write_fixed_length_text(tmp_path / "text.jsonl", 8, words=600)

@@ -58,6 +58,7 @@ class Strategy(Protocol):
     def step_grad_norm(self) -> float | None: ...  # the norm an engine clipped inside its step
     def all_reduce_sum(self, value: float) -> float: ...
     def all_reduce_max(self, value: float) -> float: ...
+    def gather_floats(self, value: float) -> list[float]: ...  # every rank's value, in rank order (collective)
     def barrier(self) -> None: ...
     def heartbeat(self, activity: str) -> None: ...
     def check_peers(self) -> None: ...
@@ -108,6 +109,9 @@ class SingleDevice:
 
     def all_reduce_max(self, value: float) -> float:
         return value
+
+    def gather_floats(self, value: float) -> list[float]:
+        return [value]
 
     def barrier(self) -> None:
         return None

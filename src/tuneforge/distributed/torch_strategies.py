@@ -82,6 +82,13 @@ class TorchProcessGroup:
     def all_reduce_max(self, value: float) -> float:
         return self._reduce(value, dist.ReduceOp.MAX)
 
+    def gather_floats(self, value: float) -> list[float]:
+        """Every rank's `value`, in rank order (each rank fills its own slot of a summed vector)."""
+        t = torch.zeros(self.world_size, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t[self.rank] = float(value)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
     def barrier(self) -> None:
         self.all_reduce_sum(0.0)  # gloo's barrier has no timeout of its own; an all-reduce has the group's
 

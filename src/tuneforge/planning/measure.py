@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.training.events import summary_in_output
 
 WORDS = ("the order parcel arrived late and the customer asked for a refund while support checked the tracking "
          "number warehouse invoice delivery address payment card account password reset shipping label return "
@@ -66,7 +67,10 @@ def measure_run(spec: dict, run_dir: Path, *, threads: int | None = None, timeou
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise TuneforgeError(f"measured run {run_dir.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
-    summary = json.loads(proc.stdout)
+    parsed = summary_in_output(proc.stdout)
+    if parsed is None:
+        raise TuneforgeError(f"measured run {run_dir.name} printed no summary: {proc.stdout.strip()[-300:]!r}")
+    summary = parsed.model_dump(mode="json")
     times = step_times(run_dir)
     later = times[1:] or times
     return Measured(summary["peak_rss_mb"], statistics.median(later), times[0] if times else 0.0, len(times), summary)

@@ -4,6 +4,7 @@ service stores them as job events.
 """
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class RunSummary(BaseModel):
     tokens_seen: int
     tokens_per_second: float
     peak_rss_mb: float
+    rank_peak_rss_mb: list[float] | None = None  # several processes: each rank's peak RSS (MB), in rank order
     predicted_peak_mb: float | None = None  # `tuneforge plan`'s prediction of peak_rss_mb, made before the run
     final_train_loss: float | None
     final_eval_loss: float | None
@@ -143,3 +145,15 @@ class ConsoleProgress:
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
+
+
+def summary_in_output(stdout: str) -> RunSummary | None:
+    """The summary `tuneforge train --json` printed (the last one in `stdout`): libraries (DeepSpeed, the
+    launcher) may print lines before and after it. None when there is none."""
+    start = stdout.rfind('{\n  "status"')
+    if start < 0:
+        return None
+    try:
+        return RunSummary.model_validate(json.JSONDecoder().raw_decode(stdout, start)[0])
+    except ValueError:  # not JSON, or not a summary (pydantic's ValidationError is a ValueError)
+        return None

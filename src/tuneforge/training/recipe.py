@@ -526,6 +526,7 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
     # ---- save
     finished = step >= total_steps
     latest = ckpt.latest_checkpoint(out)
+    rank_peaks = strategy.gather_floats(peak_rss_mb()) if strategy.world_size > 1 else None  # collective
     summary = RunSummary(
         status="succeeded" if finished else "stopped",
         stop_reason=None if finished else stop_reason,
@@ -547,6 +548,7 @@ def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, t
         tokens_seen=tokens_seen,
         tokens_per_second=session_tokens / train_seconds if train_seconds else 0.0,
         peak_rss_mb=peak_rss_mb(),
+        rank_peak_rss_mb=rank_peaks,
         final_train_loss=last_loss,
         final_eval_loss=last_eval["eval_loss"] if last_eval else None,
         final_eval_token_accuracy=last_eval["eval_token_accuracy"] if last_eval else None,
