@@ -63,6 +63,15 @@ def _rank_main(rank: int, world: int, jobs: list[dict], results: str) -> None:
             if dist.is_initialized():
                 dist.destroy_process_group()
     Path(results, f"rank{rank}.json").write_text(json.dumps(out))
+    # Leave without the interpreter's teardown: once (one suite run of this session's five, under load) rank 1 aborted there with
+    # "terminate called without an active exception" after all 52 jobs had succeeded and been written, which
+    # failed every test sharing these runs. A launched rank runs one job per process (tests/distributed/test_launch.py
+    # and test_deepspeed.py run those through the real launcher and check their exit codes).
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_in_ranks(jobs: list[dict], results: Path, world: int = 2) -> dict:
