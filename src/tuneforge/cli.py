@@ -316,13 +316,13 @@ def cmd_demo(args) -> int:
     return run_demo(args.output_dir, epochs=args.epochs, overwrite=True)
 
 
-def _number(kind, low: float, what: str):
+def _number(kind, low: float, what: str, high: float | None = None):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not value >= low:  # NaN fails too
+        if not value >= low or (high is not None and value > high):  # NaN fails too
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -330,13 +330,8 @@ def _number(kind, low: float, what: str):
 
 
 positive_int = _number(int, 1, "a whole number of at least 1")
-
-
-def port_number(text: str) -> int:
-    port = _number(int, 1, "a TCP port, 1-65535")(text)
-    if port > 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port, 1-65535, got {port}")
-    return port
+non_negative_float = _number(float, 0.0, "0 or more")
+port_number = _number(int, 1, "a TCP port, 1-65535", high=65535)
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -347,7 +342,7 @@ def name_list(text: str) -> tuple[str, ...]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"has an empty name in {text!r}")
     return tuple(dict.fromkeys(names))
-non_negative_float = _number(float, 0.0, "0 or more")
+
 
 def _service_settings(args):
     from tuneforge.service.settings import ServiceSettings, parse_adapters, parse_base_models

@@ -95,14 +95,6 @@ def compare_methods(spec, *, methods: tuple[str, ...], out, steps: int | None = 
         raise SpecError("; ".join(problems))
     if strategies and "full" not in methods:
         methods = (*methods, "full")  # the one-process reference the strategies are compared with
-    if strategies:  # refused up front, before any run: what the spec section would refuse for full fine-tuning
-        from tuneforge.spec import DistributedSpec
-
-        for strategy in strategies:
-            try:
-                DistributedSpec(strategy=strategy, backend=backend, nproc=nproc)
-            except ValueError as e:
-                raise SpecError(f"--strategies {strategy}: {e}") from None
     if spec.data.validation is None and spec.data.validation_split is None:
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"validation_split": 0.1})})
     steps = steps or spec.training.max_steps or 20
@@ -119,12 +111,7 @@ def compare_methods(spec, *, methods: tuple[str, ...], out, steps: int | None = 
         run_spec = {**base, "method": method}
         predicted = plan(spec.model_copy(update={"method": method}), methods=(method,)).rows_[0]
         m: Measured = measure_run(run_spec, out / "runs" / method, threads=threads)
-        results[method] = {"peak_rss_mb": m.peak_rss_mb, "step_seconds": m.step_seconds,
-                           "trainable_params": m.summary["trainable_params"], "total_params": m.summary["total_params"],
-                           "eval_loss": m.summary.get("final_eval_loss"), "train_loss": m.summary.get("final_train_loss"),
-                           "predicted_peak_mb": predicted.predicted_peak_mb,
-                           "predicted_step_seconds": predicted.predicted_step_seconds,
-                           "gradient_checkpointing": predicted.gradient_checkpointing}
+        results[method] = _result(m, predicted)
     full_spec = spec.model_copy(update={"method": "full"})
     for strategy in strategies:
         key = run_key(strategy, backend)
@@ -135,13 +122,8 @@ def compare_methods(spec, *, methods: tuple[str, ...], out, steps: int | None = 
         predicted = plan(full_spec, methods=("full",), strategies=(strategy,), nproc=nproc).rows_[0]
         m = measure_run(run_spec, out / "runs" / key.replace(":", "-"), threads=threads)
         ranks = m.summary.get("rank_peak_rss_mb") or [m.peak_rss_mb]
-        results[key] = {"peak_rss_mb": max(ranks), "rank_peak_rss_mb": ranks, "ranks": nproc, "strategy": strategy,
-                        "backend": backend, "step_seconds": m.step_seconds,
-                        "trainable_params": m.summary["trainable_params"], "total_params": m.summary["total_params"],
-                        "eval_loss": m.summary.get("final_eval_loss"), "train_loss": m.summary.get("final_train_loss"),
-                        "predicted_peak_mb": predicted.predicted_peak_mb,
-                        "predicted_step_seconds": predicted.predicted_step_seconds,
-                        "gradient_checkpointing": predicted.gradient_checkpointing}
+        results[key] = _result(m, predicted, peak_rss_mb=max(ranks), rank_peak_rss_mb=ranks, ranks=nproc,
+                               strategy=strategy, backend=backend)
     files.atomic_write_text(out / "compare.json", json.dumps({"model": spec.model, "steps": steps,
                                                               "results": results}, indent=2))
     charts = write_charts(results, out)
@@ -150,11 +132,25 @@ def compare_methods(spec, *, methods: tuple[str, ...], out, steps: int | None = 
     return path
 
 
+def _result(m: Measured, predicted, **extra) -> dict:
+    """One row of compare.json: the measured run beside the plan's prediction made before it."""
+    return {"peak_rss_mb": m.peak_rss_mb, "step_seconds": m.step_seconds,
+            "trainable_params": m.summary["trainable_params"], "total_params": m.summary["total_params"],
+            "eval_loss": m.summary.get("final_eval_loss"), "train_loss": m.summary.get("final_train_loss"),
+            "predicted_peak_mb": predicted.predicted_peak_mb, "predicted_step_seconds": predicted.predicted_step_seconds,
+            "gradient_checkpointing": predicted.gradient_checkpointing, **extra}
+
+
+def _parallel_reference(results: dict[str, dict], r: dict) -> dict | None:
+    """What a data-parallel run's memory is held against: DDP's run (when it ran and is not `r`), else one process."""
+    ddp = results.get("ddp") or results.get("deepspeed:ddp")
+    return ddp if ddp is not None and ddp is not r else results.get("full")
+
+
 def verdicts(results: dict[str, dict]) -> dict[str, dict[str, bool | None]]:
     """claim -> method -> measured yes/no (None: not measurable here)."""
     full = results.get("full")
     out: dict[str, dict[str, bool | None]] = {claim: {} for claim in SOURCE_CLAIMS}
-    ddp = results.get("ddp") or results.get("deepspeed:ddp")
     for method, r in results.items():
         share = r["trainable_params"] / max(r["total_params"], 1)
         ranks = r.get("ranks", 1)
@@ -165,7 +161,7 @@ def verdicts(results: dict[str, dict]) -> dict[str, dict[str, bool | None]]:
         if ranks == 1:
             out["memory-efficient data parallelism"][method] = False  # a method, not a way of spreading memory
         else:
-            reference = ddp if ddp is not None and ddp is not r else full
+            reference = _parallel_reference(results, r)
             out["memory-efficient data parallelism"][method] = (r["peak_rss_mb"] <= CUTS * reference["peak_rss_mb"]
                                                                  if reference else None)
     return out
@@ -231,8 +227,7 @@ def render_markdown(spec, steps: int, results: dict[str, dict], charts: list[str
             elif claim == "memory-efficient data parallelism" and r.get("ranks", 1) == 1:
                 figure = " (a method, not a data-parallel scheme)"
             elif claim == "memory-efficient data parallelism":
-                ddp = results.get("ddp") or results.get("deepspeed:ddp")
-                reference = ddp if ddp is not None and ddp is not r else full
+                reference = _parallel_reference(results, r)
                 name = "one process's" if reference is full else "ddp's"
                 figure = f" ({r['peak_rss_mb'] / reference['peak_rss_mb']:.2f}× {name} peak)" if reference else ""
             agree = "" if source is None or measured is None else (" ✓" if source == measured else " ✗")
