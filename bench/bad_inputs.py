@@ -1,5 +1,7 @@
 """Bad inputs and faults, counted: the table of tests/integration/test_bad_inputs.py (run in-process, one case
-after another) plus cases that need a real process (Ctrl-C / SIGTERM at several moments, kill -9 then --resume).
+after another) plus cases that need a real process (Ctrl-C / SIGTERM at several moments, kill -9 then --resume),
+plus tests/service/test_hostile.py's hostile requests sent to a real `tuneforge serve` (5xx answers, reset
+connections and tracebacks in its log counted).
 
 Prints one JSON object: how many cases ran, how many showed a Python traceback, a wrong or undocumented exit
 code, user files deleted or changed, or a message that does not name what is wrong, and the failing cases
@@ -7,7 +9,7 @@ code, user files deleted or changed, or a message that does not name what is wro
 (`defect=...`, in either table); none is recorded at present. Exit status 0 whatever the counts; the numbers
 are the report.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bad_inputs.py [--only SUBSTRING] [--no-subprocess] [--out FILE]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bad_inputs.py [--only SUBSTRING] [--no-subprocess] [--no-service] [--out FILE]
 """
 from __future__ import annotations
 
@@ -340,6 +342,62 @@ def run_process_case(pc: ProcessCase, env: Env) -> Outcome:
     return outcome
 
 
+# ====================================================================================== the service, over HTTP
+
+
+def run_service_cases(only: str | None) -> list[tuple[Outcome, str | None, str]]:
+    """tests/service/test_hostile.py's table sent to a real `tuneforge serve` (1 worker, SQLite): each request a
+    case; a 5xx answer or a traceback in the server's log is counted as one."""
+    import httpx
+
+    from tests.service.conftest import Server
+    from tests.service.test_hostile import REQUESTS, make_objects, send
+    from tuneforge.models.tiny import make_tiny_model
+
+    cases = [c for c in REQUESTS if not only or only in f"service-{c[0]}"]
+    if not cases:
+        return []
+    root = Path(tempfile.mkdtemp(prefix="bad-inputs-service-"))
+    results = []
+    try:
+        model = make_tiny_model("llama", root / "model")
+        train = root / "train.jsonl"
+        from tests.conftest import CHAT_RECORDS
+
+        train.write_text("".join(json.dumps(r) + "\n" for r in CHAT_RECORDS * 2))
+        (root / "data").mkdir()
+        server = Server(root / "data", model, None, workers=1, extra=["--max-jobs-per-org", "50"]).start()
+        log = root / f"serve-{server.port}.log"
+        try:
+            with httpx.Client(base_url=server.url.removesuffix("/v1"), timeout=60) as client:
+                names = {**make_objects(client, server.key("acme"), train), "data_dir": str(server.data_dir)}
+                for case in cases:
+                    started, seen = time.time(), log.stat().st_size
+                    outcome = Outcome(f"service-{case[0]}")
+                    try:
+                        response, outcome.problems = send(client, names, case)
+                        outcome.code = response.status_code
+                        if response.status_code >= 500:
+                            outcome.wrong_code = True
+                    except httpx.HTTPError as e:  # a reset connection is as bad as a 500
+                        outcome.problems, outcome.wrong_code = [f"no answer: {type(e).__name__}: {e}"], True
+                    time.sleep(0.05)
+                    with open(log, errors="replace") as f:
+                        f.seek(seen)
+                        logged = f.read()
+                    if "Traceback (most recent call last)" in logged:
+                        outcome.traceback = _traceback_block(logged)
+                        outcome.exception = _exception_line(outcome.traceback)
+                        outcome.problems.append(f"traceback in the server's log: {outcome.exception}")
+                    outcome.seconds = time.time() - started
+                    results.append((outcome, None, "service"))
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
 # ====================================================================================== the totals
 
 
@@ -347,6 +405,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="run only cases whose id contains this")
     parser.add_argument("--no-subprocess", action="store_true", help="skip the cases that need a real process")
+    parser.add_argument("--no-service", action="store_true", help="skip the requests to a real `tuneforge serve`")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -369,6 +428,12 @@ def main() -> int:
             results.append((outcome, pc.defect, "subprocess"))
             print(f"[process] {pc.id}: {'ok' if outcome.ok else outcome.problems}  ({outcome.seconds:.1f} s)",
                   file=sys.stderr, flush=True)
+        if not args.no_service:
+            service = run_service_cases(args.only)
+            results += service
+            for outcome, _, _ in service:
+                if not outcome.ok:
+                    print(f"[service] {outcome.case}: {outcome.problems}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -377,12 +442,14 @@ def main() -> int:
         "cases": len(results),
         "in_process_cases": sum(1 for _, _, k in results if k == "in-process"),
         "subprocess_cases": sum(1 for _, _, k in results if k == "subprocess"),
+        "service_requests": sum(1 for _, _, k in results if k == "service"),
+        "service_5xx_or_reset": sum(1 for o, _, k in results if k == "service" and o.wrong_code),
         "passed": len(results) - len(failing),
         "failing_cases": len(failing),
         "tracebacks": sum(1 for o, _, _ in results if o.traceback),
         "wrong_exit_codes": sum(1 for o, _, _ in results if o.wrong_code),
-        "undocumented_exit_codes": sum(1 for o, _, _ in results
-                                       if o.code is not None and o.code not in DOCUMENTED_CODES
+        "undocumented_exit_codes": sum(1 for o, _, k in results
+                                       if k != "service" and o.code is not None and o.code not in DOCUMENTED_CODES
                                        and not (o.code == 137 and o.case.startswith("proc-kill-9"))),
         "sentinels_deleted_or_changed": sum(len(o.changed) for o, _, _ in results),
         "cases_that_damaged_user_files": sum(1 for o, _, _ in results if o.changed),

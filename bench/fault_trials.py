@@ -12,10 +12,18 @@ behind (temporaries, partial checkpoint folders), checkpoint rows that disagree 
 The RNG (--seed) fixes the sequence of kinds, targets and moments (a moment: right away, or after the job
 advances by N steps); the wall clock still decides what each kill interrupts, so two runs are alike, not equal.
 
+`--kinds sigterm` sends SIGTERM instead (what every deploy sends: to the API process alone, as Docker and
+Kubernetes do, or to its whole process group, as systemd does) at random moments, waits for the server to exit
+and starts it again. Counted as well: stops that took longer than the grace period or exited non-zero, and
+progress lost (steps a running job had reported when the signal came, minus the step it was requeued at: 0 when
+every training checkpointed at its step boundary).
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/fault_trials.py --database sqlite \
         --out bench/results/fault_trials_sqlite.json
     OMP_NUM_THREADS=1 .venv/bin/python bench/fault_trials.py --database postgresql \
         --out bench/results/fault_trials_postgresql.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/fault_trials.py --kinds sigterm --kills 12 --database sqlite \
+        --out bench/results/sigterm_trials_sqlite.json
 
 PostgreSQL: a fresh database is made (and dropped) as tests/service/conftest.py does (TUNEFORGE_TEST_POSTGRES,
 else the local postgresql://tuneforge:tuneforge@127.0.0.1:5432/postgres).
@@ -46,8 +54,8 @@ from tests.service.conftest import Server, create_pg_database, drop_pg_database,
 from tests.service.test_faults import (RUNNER, WORKER, audit_job, group_processes, job_processes, runner_job,  # noqa: E402
                                        kill, last_step)
 
-KINDS = ("api", "worker", "runner", "checkpoint")
-WEIGHTS = (1, 2, 3, 3)  # an API kill restarts everything (slow): fewer of them
+KINDS = {"api": 1, "worker": 2, "runner": 3, "checkpoint": 3, "sigterm": 1}  # an API kill restarts everything (slow)
+GRACE_SECONDS = 25.0  # `tuneforge serve`'s default --shutdown-grace-seconds
 ATTEMPT_EVENT = re.compile(r"Training attempt (\d+) started by (\S+)")
 TERMINAL = ("succeeded", "failed", "cancelled")
 OTHER = ("no_adapter", "temporaries", "partial_checkpoints", "checkpoint_rows", "results_csv")
@@ -128,6 +136,7 @@ class Trial:
         (root / "data").mkdir()
         self.server = Server(root / "data", model, database_url, workers=args.workers)
         self.kills: Counter = Counter()
+        self.sigterms: list[dict] = []
         self.kill_log: list[dict] = []
         self.orphans: list[dict] = []
         self.restarts = 0
@@ -198,13 +207,39 @@ class Trial:
         pgid = self.server.proc.pid
         kill(pgid)
         self.server.proc.wait()
+        self.reap(pgid, "api kill")
+        self.server.start()
+        self.restarts += 1
+        return True
+
+    def reap(self, pgid: int, after: str) -> None:
+        """Wait up to 10 s for the stopped server's processes to exit; any left is an orphan (then killed)."""
         deadline = time.time() + 10
         while group_processes(pgid) and time.time() < deadline:
             time.sleep(0.05)
         left = group_processes(pgid)
         if left:
-            self.orphans.append({"after": "api kill", "processes": {str(p): " ".join(a) for p, a in left.items()}})
+            self.orphans.append({"after": after, "processes": {str(p): " ".join(a) for p, a in left.items()}})
             os.killpg(pgid, signal.SIGKILL)
+
+    def kill_sigterm(self, store) -> bool:
+        """SIGTERM to the API process or to the whole group, at a random moment of a random training; then what
+        each running job kept, and the server started again."""
+        job_id = self.pick_running_job(store)
+        self.wait_moment(store, job_id)
+        running = {j["id"]: last_step(store, j["id"]) for j in self.running(store)}
+        to_group = self.rng.random() < 0.5
+        pgid, t = self.server.proc.pid, time.time()
+        os.killpg(pgid, signal.SIGTERM) if to_group else os.kill(pgid, signal.SIGTERM)
+        code = self.server.proc.wait(timeout=GRACE_SECONDS + 60)
+        seconds = time.time() - t
+        self.reap(pgid, "sigterm")
+        kept = {j: store.get_job(j) for j in running}
+        self.sigterms.append({
+            "to": "group" if to_group else "api", "exit": code, "seconds": round(seconds, 2),
+            "jobs": {j[-6:]: {"reported": at, "status": kept[j]["status"], "requeued_at": kept[j]["step"],
+                              "lost": max(0, at - kept[j]["step"]) if kept[j]["status"] == "queued" else 0}
+                     for j, at in running.items()}})
         self.server.start()
         self.restarts += 1
         return True
@@ -275,7 +310,7 @@ class Trial:
         store = self.store()
         try:
             while sum(self.kills.values()) < self.args.kills and self.unfinished(store):
-                kind = self.rng.choices(KINDS, WEIGHTS)[0]
+                kind = self.rng.choices(self.args.kinds, [KINDS[k] for k in self.args.kinds])[0]
                 t = time.time()
                 done = getattr(self, f"kill_{kind}")(store)
                 if not done:
@@ -311,7 +346,14 @@ class Trial:
         def total(kind: str) -> int:
             return sum(len(a.get(kind, [])) for a in audits.values())
 
-        return {"lost_jobs": len(lost), "lost_job_ids": lost,
+        stops = self.sigterms
+        return {"sigterm_stops": len(stops),
+                "sigterm_progress_lost_steps": sum(j["lost"] for t in stops for j in t["jobs"].values()),
+                "sigterm_jobs_left_running": sum(j["status"] == "running" for t in stops for j in t["jobs"].values()),
+                "sigterm_stops_over_grace": sum(t["seconds"] > GRACE_SECONDS for t in stops),
+                "sigterm_nonzero_exits": sum(t["exit"] != 0 for t in stops),
+                "sigterm_slowest_stop_seconds": max((t["seconds"] for t in stops), default=None),
+                "lost_jobs": len(lost), "lost_job_ids": lost,
                 "jobs_not_succeeded": len(lost) + sum(1 for a in audits.values() if "not_succeeded" in a),
                 "lost_metrics_events": sum(len(a["lost_steps"][0]) for a in audits.values() if "lost_steps" in a),
                 "duplicated_metrics_events": sum(len(a["duplicated_steps"][0]) for a in audits.values()
@@ -356,13 +398,15 @@ class Trial:
                 "server_restarts": self.restarts, "api_requests_made": self.load.requests,
                 "process_samples": self.sampler.samples,
                 "wall_seconds": round(time.time() - self.t0, 1), "kills_phase_seconds": round(kills_done, 1),
-                **result, "kill_log": self.kill_log}
+                **result, "kill_log": self.kill_log, "sigterm_log": self.sigterms}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
-    p.add_argument("--kills", type=int, default=50, help="kill -9s to deliver (default 50)")
+    p.add_argument("--kills", type=int, default=50, help="kill -9s (or SIGTERMs) to deliver (default 50)")
+    p.add_argument("--kinds", type=lambda t: t.split(","), default=["api", "worker", "runner", "checkpoint"],
+                   help=f"comma-separated, of {', '.join(KINDS)} (default: every kill -9 kind)")
     p.add_argument("--jobs", type=int, default=4, help="jobs (default 4)")
     p.add_argument("--steps", type=int, default=200, help="steps of the first job; each next one 20 more")
     p.add_argument("--workers", type=int, default=2)
@@ -371,6 +415,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--keep", action="store_true", help="keep the data folder (printed) for inspection")
     args = p.parse_args()
+    if not args.kinds or set(args.kinds) - set(KINDS):
+        p.error(f"--kinds: choose from {', '.join(KINDS)}")
     root = Path(tempfile.mkdtemp(prefix="fault-trials-"))
     try:
         result = Trial(args, root).run()

@@ -133,7 +133,7 @@ def cmd_k8s_render(args) -> int:
     from tuneforge.distributed.k8s import render_pytorchjob, write_manifest
 
     job = api.resolve_job(args.spec, args.set)
-    name = args.name or "tuneforge-" + files.expand(args.spec).stem.lower().replace("_", "-")
+    name = args.name if args.name is not None else "tuneforge-" + files.expand(args.spec).stem.lower().replace("_", "-")
     text = render_pytorchjob(job, nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, name=name,
                              namespace=args.namespace, volume_claim=args.volume_claim, resume=args.resume)
     if args.out:
@@ -322,7 +322,8 @@ def _number(kind, low: float, what: str, high: float | None = None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not value >= low or (high is not None and value > high):  # NaN fails too
+        # NaN fails `>=`; inf is no amount of anything
+        if not value >= low or (high is not None and value > high) or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -345,8 +346,20 @@ def name_list(text: str) -> tuple[str, ...]:
 
 
 def _service_settings(args):
+    from pathlib import Path
+
+    from tuneforge.errors import SpecError
     from tuneforge.service.settings import ServiceSettings, parse_adapters, parse_base_models
 
+    data_dir = Path(args.data_dir).expanduser()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise SpecError(f"--data-dir: {args.data_dir} is a file, not a folder; give a folder (made if missing) for "
+                        "the service's files, job runs and database")
+    for parent in data_dir.absolute().parents:  # `mkdir -p` would fail on a file on the way
+        if parent.exists():
+            if not parent.is_dir():
+                raise SpecError(f"--data-dir: {parent} is a file, so {args.data_dir} cannot be made there")
+            break
     return ServiceSettings(data_dir=args.data_dir, database_url=args.database_url,
                            base_models=parse_base_models(getattr(args, "base_model", None) or []),
                            adapters=parse_adapters(getattr(args, "adapter", None) or []))
@@ -362,7 +375,9 @@ def cmd_serve(args) -> int:
         "poll_seconds": args.poll_seconds, "training_threads": args.training_threads, "max_batch": args.max_batch,
         "max_waiting": args.max_queue, "max_adapters": args.max_adapters,
         "max_adapter_bytes": args.max_adapter_mb * 2**20, "inference_threads": args.inference_threads,
-        "inference_precision": args.inference_precision})
+        "inference_precision": args.inference_precision, "shutdown_grace_seconds": args.shutdown_grace_seconds,
+        "max_job_ranks": args.max_job_ranks, "max_job_tokens": args.max_job_tokens,
+        "max_running_jobs_per_org": args.max_running_jobs_per_org})
     return serve(settings, host=args.host, port=args.port, workers=args.workers)
 
 
@@ -488,13 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible fine-tuning API (files, jobs, models) + workers")
     p.add_argument("--data-dir", required=True, help="files, job runs, the SQLite database and the key pepper")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--workers", type=_number(int, 0, "0 or more"), default=1, help="training worker processes")
     p.add_argument("--base-model", action="append", metavar="NAME=SOURCE",
                    help="a model users may fine-tune (alias, folder or .gguf; repeatable; default smollm2-135m-instruct)")
     p.add_argument("--database-url", help="postgresql://user:password@host/db (default: SQLite in --data-dir)")
     p.add_argument("--max-upload-mb", type=positive_int, default=512, help="largest upload (default 512)")
     p.add_argument("--max-jobs-per-org", type=positive_int, default=4, help="unfinished jobs per org (default 4)")
+    p.add_argument("--max-running-jobs-per-org", type=positive_int, metavar="N",
+                   help="jobs of one org training at once (default: no cap; a free worker always takes the next job "
+                   "of the org with the fewest running)")
+    p.add_argument("--max-job-ranks", type=_number(int, 1, "a whole number from 1 to 1024", high=1024), default=1,
+                   help="training processes one job may start (tuneforge.distributed.nproc; default 1: no "
+                   "distributed jobs)")
+    p.add_argument("--max-job-tokens", type=positive_int, default=100_000_000, metavar="N",
+                   help="token budget per job: steps x batch x grad_accum x ranks x max_seq_len (default 100000000)")
+    p.add_argument("--shutdown-grace-seconds", type=_number(float, 1, "a number of seconds from 1 to 3600", high=3600),
+                   default=25.0, help="on SIGTERM/Ctrl-C, how long trainings have to checkpoint at a step boundary "
+                   "before they are stopped at once (default 25; keep it below your orchestrator's kill timeout)")
     positive_float = _number(float, 0.001, "a positive number of seconds")
     p.add_argument("--heartbeat-seconds", type=positive_float, default=10.0, help="worker heartbeat (default 10)")
     p.add_argument("--reclaim-after-seconds", type=positive_float, default=30.0,
@@ -555,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="job spec (YAML), or a model alias / folder (config.json is enough) / hub id")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.batch_size=8")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where the run would train (default: the spec's)")
-    p.add_argument("--memory-gb", type=_number(float, 0.01, "a positive number of GB"),
+    p.add_argument("--memory-gb", type=_number(float, 0.01, "a number of GB from 0.01 to 1000000", high=1e6),
                    help="memory to plan for (default: this machine's RAM, or the GPU's)")
     p.add_argument("--nproc", type=positive_int, default=1, help="data-parallel processes: per-rank estimates "
                    "for ddp, zero1, zero2, zero3")

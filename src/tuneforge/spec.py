@@ -77,7 +77,7 @@ class DataSpec(_Strict):
 
 class AdapterSpec(_Strict):
     r: int = Field(16, ge=1, le=MAX_RANK, description="LoRA/DoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: float = Field(32, gt=0, le=1e6, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: str | list[str] = Field(
         "all-linear",
@@ -110,14 +110,14 @@ class TrainingSpec(_Strict):
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
-    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr: float = Field(2.0e-4, gt=0, le=10, description="Peak learning rate (AdamW).")
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw: torch's fused AdamW, fp32 state. adamw_8bit: bitsandbytes' AdamW8bit, the two "
         "moments stored in 8 bits (block-wise quantised): a quarter of the optimizer memory, slightly different numerics.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up linearly.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
+    weight_decay: float = Field(0.0, ge=0.0, le=10, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip the gradient norm to this; null disables.")
     max_seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN, description="Longest example in tokens (see data.overlong).")
     seed: int = Field(42, ge=0, le=2**63 - 1, description="Seed for initialisation, data order and dropout.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -130,10 +130,10 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in backward: less memory, slower (on CPU measured 0.68x the speed at 0.6x the memory). "
         "Default: on for qlora (its point is memory), off otherwise.")
-    checkpoint_every: int = Field(1, ge=1, description="With gradient checkpointing: checkpoint every N-th decoder "
+    checkpoint_every: int = Field(1, ge=1, le=10_000, description="With gradient checkpointing: checkpoint every N-th decoder "
                                   "layer only (2 keeps about half the activations, at less recompute).")
     micro_batch_tokens: int | None = Field(
-        None, ge=16, description="Split a micro-batch whose padded size (rows x longest; packed: total length) "
+        None, ge=16, le=MAX_BATCH * MAX_SEQ_LEN, description="Split a micro-batch whose padded size (rows x longest; packed: total length) "
         "exceeds this many tokens into near-equal parts run one after another. The update is the same (the loss "
         "is normalised over the whole step); peak activation memory follows the budget, not the longest batch.")
     kernels: KernelChoice = Field(
@@ -143,17 +143,17 @@ class TrainingSpec(_Strict):
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     packing: bool = Field(False, description="Padding-free: each micro-batch as one row, attention kept within "
                           "each example. Same loss and gradients; see docs/benchmarks.md for when it pays.")
-    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")
-    save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
-    log_every: int = Field(1, ge=1, description="Write metrics every N optimizer steps.")
+    eval_every: int = Field(50, ge=1, le=MAX_STEPS, description="Validate every N optimizer steps (and at the end).")
+    save_every: int = Field(50, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, le=10_000, description="Keep only the newest N checkpoints.")
+    log_every: int = Field(1, ge=1, le=MAX_STEPS, description="Write metrics every N optimizer steps.")
 
 
 class EvalSpec(_Strict):
     data: str = Field(min_length=1, description="Held-out JSONL (same format as training) for the before/after report.")
     before_after: bool = Field(True, description="After training, evaluate base and fine-tuned models and write report.md.")
-    max_new_tokens: int = Field(64, ge=1, description="Generation budget per held-out example.")
-    examples: int = Field(5, ge=0, description="Examples shown side by side in the report.")
+    max_new_tokens: int = Field(64, ge=1, le=1_000_000, description="Generation budget per held-out example.")
+    examples: int = Field(5, ge=0, le=10_000, description="Examples shown side by side in the report.")
 
 
 class DistributedSpec(_Strict):

@@ -1460,8 +1460,26 @@ case("k8s-out-users-file", [*K8S, "--image", "x", "--out", "NOTES.txt", "--overw
      says=("NOTES.txt", "did not render"))
 case("k8s-out-a-folder", [*K8S, "--image", "x", "--out", "data", "--overwrite"], setup=spec_file(), code=1,
      says=("data", "folder"))
-case("k8s-out-exists", [*K8S, "--image", "x", "--out", "NOTES.txt"], setup=spec_file(), code=2,
+case("k8s-out-exists", [*K8S, "--image", "x", "--out", "job-manifest.yaml"],
+     setup=lambda sb: (spec_file()(sb), sb.write("job-manifest.yaml", "# tuneforge: rendered earlier\n")), code=2,
      says=("--overwrite",))
+case("k8s-out-users-file-no-overwrite", [*K8S, "--image", "x", "--out", "NOTES.txt"], setup=spec_file(), code=1,
+     says=("NOTES.txt", "did not render"),  # --overwrite would not help, so it is not suggested
+     check=lambda sb, o: "suggests --overwrite, which refuses" if "--overwrite" in o.err else None)
+case("k8s-name-empty", [*K8S, "--image", "x", "--name", ""], setup=spec_file(), code=2, says=("--name",))
+case("plan-memory-infinite", ["plan", "job.yaml", "--memory-gb", "inf"], setup=spec_file(), code=2,
+     says=("--memory-gb",))
+case("serve-port-out-of-range", ["serve", "--data-dir", "svc", "--port", "70000"], code=2, says=("--port",))
+case("serve-data-dir-a-file", ["serve", "--data-dir", "NOTES.txt"], code=2, says=("--data-dir", "NOTES.txt", "file"))
+case("serve-data-dir-under-a-file", ["serve", "--data-dir", "NOTES.txt/svc"], code=2, says=("--data-dir", "file"))
+case("keys-data-dir-a-file", ["keys", "create", "--data-dir", "NOTES.txt", "--org", "acme"], code=2,
+     says=("--data-dir",))
+case("serve-adapter-not-a-model", ["serve", "--data-dir", "svc", "--adapter", "junk=data"], code=2,
+     says=("--adapter", "junk", "neither a run folder nor a model folder"))
+case("serve-grace-zero", ["serve", "--data-dir", "svc", "--shutdown-grace-seconds", "0"], code=2,
+     says=("--shutdown-grace-seconds",))
+case("serve-job-ranks-huge", ["serve", "--data-dir", "svc", "--max-job-ranks", "100000"], code=2,
+     says=("--max-job-ranks",))
 case("k8s-spec-missing", ["k8s", "render", "nope.yaml", "--nodes", "2", "--gpus-per-node", "1", "--image", "x"],
      code=2, says=("nope.yaml",))
 case("train-master-port", ["train", "job.yaml", "--nproc", "2", "--master-port", "99999"], code=2,

@@ -184,12 +184,13 @@ def test_gguf_f16_reads_back_with_equal_logits_and_tokens(bpe_runs, tmp_path, ar
 def test_gguf_q8_0_passes_the_loss_gate_and_replaces_only_its_own_file(bpe_llama_run, tmp_path, capsys):
     from tuneforge import cli
 
-    out = tmp_path / "model.gguf"
+    out = tmp_path / "exports" / "new" / "model.gguf"  # its folder is made (it was a traceback)
     assert cli.main(["export", "gguf", str(bpe_llama_run), "--type", "q8_0", "--out", str(out), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["model.gguf", "model.gguf.export.json"]
     assert record["passed"] and gate(record, "heldout_loss")["detail"]["tolerance"] == 0.05
     assert cli.main(["export", "gguf", str(bpe_llama_run), "--type", "q8_0", "--out", str(out)]) == 0  # replaced
-    foreign = tmp_path / "other.gguf"
+    foreign = out.parent / "other.gguf"
     foreign.write_bytes(b"not ours")
     assert cli.main(["export", "gguf", str(bpe_llama_run), "--out", str(foreign)]) == 1
     assert "did not write it" in capsys.readouterr().err and foreign.read_bytes() == b"not ours"

@@ -151,3 +151,26 @@ def test_racing_terminal_transitions_have_one_winner(database_url):
     for job_id, (target,) in winner_of.items():
         assert store.get_job(job_id)["status"] == target  # and the stored state is the winner's
     store.dispose()
+
+
+def test_claims_are_fair_between_orgs(database_url):
+    """Org A queues 3 jobs before org B queues 1: with A's first job running, the next free worker takes B's
+    job, not A's second (the org with the fewest jobs running goes first); a per-org cap skips A altogether."""
+    from tuneforge.service.storage.store import Store
+
+    store = Store(database_url)
+    store.migrate()
+    a = store.create_org("org-" + secrets.token_hex(4), "org-a")
+    b = store.create_org("org-" + secrets.token_hex(4), "org-b")
+    a_jobs = [f"ftjob-a{i}-{secrets.token_hex(4)}" for i in range(3)]
+    for job_id in a_jobs:
+        store.insert_job(_job_row(job_id, a["id"]))
+    b_job = f"ftjob-b0-{secrets.token_hex(4)}"
+    store.insert_job(_job_row(b_job, b["id"]))
+
+    assert store.claim_next_job("w1")["id"] == a_jobs[0]  # nobody runs anything: the oldest
+    assert store.claim_next_job("w2")["id"] == b_job  # A runs one, B none: B's, though A's second is older
+    assert store.claim_next_job("w3")["id"] == a_jobs[1]  # both run one: the oldest again
+    assert store.claim_next_job("w4", max_running_per_org=2) is None  # A runs 2 (at the cap), B has none queued
+    assert store.claim_next_job("w4", max_running_per_org=3)["id"] == a_jobs[2]
+    store.dispose()

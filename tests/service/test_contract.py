@@ -41,7 +41,7 @@ def test_every_operation_declares_its_answers(app):
             if parameter["in"] == "path":
                 assert parameter["schema"]["type"] == "string" and parameter.get("description"), (name, parameter)
     by_name = dict(operations)
-    assert set(by_name["POST /v1/fine_tuning/jobs"]["responses"]) == {"200", "400", "401", "409", "422", "429"}
+    assert set(by_name["POST /v1/fine_tuning/jobs"]["responses"]) == {"200", "400", "401", "409", "413", "422", "429"}
     assert set(by_name["POST /v1/files"]["responses"]) == {"200", "400", "401", "409", "413", "422"}
     assert set(by_name["GET /v1/files/{file_id}"]["responses"]) == {"200", "401", "404"}
     upload = by_name["POST /v1/files"]["requestBody"]["content"]["multipart/form-data"]["schema"]

@@ -318,3 +318,94 @@ def test_kill_while_pruning_an_old_checkpoint_leaves_nothing_behind(tmp_path):
         proc.wait()
     subprocess.run([sys.executable, "-c", PRUNE_SCRIPT, str(run), "fast", "4,5"], env=ENV, check=True)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+
+
+# ---------------------------------------------------------------- SIGTERM: what every deploy sends
+
+
+def _newest_checkpoint(server, job_id: str) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (server.data_dir / "jobs" / job_id / "run").glob("checkpoints/step-*")]
+    return max(steps, default=0)
+
+
+def _stop_and_time(server, sig_to_group: bool, signals: int = 1, between: float = 1.0) -> tuple[int, float]:
+    """SIGTERM the server (its API process only, as `docker stop` and Kubernetes do, or its whole process group,
+    as systemd does), `signals` times; (exit status, seconds until every process of it had exited)."""
+    pgid, started = server.proc.pid, time.time()
+    for i in range(signals):
+        if i:
+            time.sleep(between)
+        os.killpg(pgid, signal.SIGTERM) if sig_to_group else os.kill(pgid, signal.SIGTERM)
+    code = server.proc.wait(timeout=120)
+    wait_until(lambda: not group_processes(pgid), 30, "every process of the stopped server to exit")
+    return code, time.time() - started
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["api-process", "process-group"])
+def test_sigterm_checkpoints_running_training_and_restart_resumes_it(fault_server, train_jsonl, to_group):
+    if to_group:
+        _skip_unless(fault_server, "sqlite")
+    job_id = start_job(fault_server, train_jsonl, max_steps=60, save_every=1000)  # no periodic checkpoint
+    store = fault_server.store()
+    try:
+        wait_until(lambda: last_step(store, job_id) >= 25, 120, "step 25")
+        at_signal = last_step(store, job_id)
+        code, seconds = _stop_and_time(fault_server, to_group)
+        assert code == 0, "a graceful stop exits 0"
+        assert seconds < 25, f"the stop took {seconds:.1f} s, past the grace period"
+        job = store.get_job(job_id)
+        assert job["status"] == "queued" and job["worker_id"] is None, job["status"]
+        assert job["step"] >= at_signal, "progress lost beyond the step in flight"
+        assert _newest_checkpoint(fault_server, job_id) == job["step"]
+    finally:
+        store.dispose()
+    fault_server.start()
+    messages = finish_and_audit(fault_server, job_id, 60)
+    assert f"Worker shutting down; job requeued at step {job['step']}" in messages, [m for m in messages if "queue" in m or "resum" in m or "stop" in m.lower()]
+    assert any(m.startswith(f"Fine-tuning resumed from step {job['step']}/60") for m in messages)
+
+
+def _frozen_training(server, train_jsonl):
+    """A job whose training is frozen (SIGSTOP) after its checkpoint at step 20: it can reach no step boundary.
+    (job id, an open store, the step of the newest checkpoint the job records)."""
+    job_id = start_job(server, train_jsonl, max_steps=60, save_every=10)
+    store = server.store()
+    wait_until(lambda: store.get_job(job_id)["step"] >= 20, 120, "the checkpoint at step 20")
+    (runner,) = job_processes(server.proc.pid, RUNNER, job_id)
+    os.kill(runner, signal.SIGSTOP)
+    return job_id, store, store.get_job(job_id)["step"]  # what the job records (the disk may be a step ahead)
+
+
+def test_second_sigterm_stops_at_once_and_requeues_at_the_newest_checkpoint(fault_server, train_jsonl):
+    """A training that cannot reach its step boundary (here: frozen with SIGSTOP) is killed on the second
+    signal; its job goes back to the queue at the newest checkpoint, not left `running` for the reclaim."""
+    _skip_unless(fault_server, "sqlite")
+    job_id, store, checkpointed = _frozen_training(fault_server, train_jsonl)
+    try:
+        code, seconds = _stop_and_time(fault_server, False, signals=2)
+        assert code == 0 and seconds < 10, f"exit {code} after {seconds:.1f} s"
+        job = store.get_job(job_id)
+        assert job["status"] == "queued" and job["step"] == checkpointed
+    finally:
+        store.dispose()
+    fault_server.start()
+    messages = finish_and_audit(fault_server, job_id, 60)
+    assert f"Server stopped before the training reached a step boundary; job requeued to resume from step " \
+           f"{checkpointed}" in messages
+
+
+def test_grace_period_runs_out_then_the_stop_is_immediate(fault_server, train_jsonl):
+    _skip_unless(fault_server, "sqlite")
+    fault_server.stop()
+    fault_server.extra = [*fault_server.extra, "--shutdown-grace-seconds", "2"]
+    fault_server.start()
+    job_id, store, checkpointed = _frozen_training(fault_server, train_jsonl)
+    try:
+        code, seconds = _stop_and_time(fault_server, False)
+        assert code == 0 and 2 <= seconds < 12, f"exit {code} after {seconds:.1f} s (grace 2 s)"
+        assert store.get_job(job_id)["status"] == "queued" and store.get_job(job_id)["step"] == checkpointed
+    finally:
+        store.dispose()
+        fault_server.extra = fault_server.extra[:-2]
+    fault_server.start()
+    finish_and_audit(fault_server, job_id, 60)

@@ -42,7 +42,7 @@ def server(service_model, runs, tmp_path_factory):
     # so greedy decoding always prefers a byte): requests that keep decoding until their client goes away.
     long = make_tiny_model("llama", tmp_path_factory.mktemp("long") / "llama", max_position_embeddings=65536)
     _never_stop(long)
-    adapters = [a for name, run in runs.items() for a in ("--adapter", f"op-{name}={run}")]
+    adapters = [a for name, run in runs.items() if name != "prompt_tuning" for a in ("--adapter", f"op-{name}={run}")]
     adapters += ["--base-model", f"tiny={service_model}", "--base-model", f"long={long}"]
     srv = Server(tmp_path_factory.mktemp("inference") / "data", service_model, None, workers=1,
                  extra=["--max-batch", "2", "--max-queue", "1", "--inference-threads", "1", *adapters])
@@ -130,13 +130,25 @@ def test_fine_tuned_model_and_checkpoint_from_the_jobs_api(server, train_jsonl):
     assert chat(other, "op-lora", "hi", max_tokens=2).choices  # the operator's adapters serve every org
 
 
-def test_dora_ia3_served_merged_and_prompt_tuning_refused(server):
+def test_dora_ia3_served_merged_and_prompt_tuning_refused(server, runs, service_model, tmp_path):
     client = server.client()
     for model in ("op-dora", "op-ia3"):
         assert chat(client, model, PROMPTS[0], max_tokens=4).usage.completion_tokens >= 1
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(client, "op-prompt_tuning", PROMPTS[0], max_tokens=4)
-    assert e.value.body["code"] == "model_not_servable" and "prompt-tuning" in e.value.body["message"]
+    # An operator's prompt-tuning run stops the start with one line (it would fail every request)...
+    refused = Server(tmp_path / "data", service_model, None, workers=0,
+                     extra=["--adapter", f"op-pt={runs['prompt_tuning']}"])
+    with pytest.raises(RuntimeError, match="exited with 2") as e:
+        refused.start()
+    assert "--adapter 'op-pt=" in str(e.value) and "prompt-tuning adapters are not served" in str(e.value)
+    assert "Traceback" not in str(e.value)
+    # ...and a job's prompt-tuning model is answered 400 with the reason, without the server's paths.
+    from tuneforge.errors import ModelError
+    from tuneforge.service.errors import without_server_paths
+    from tuneforge.serving.registry import run_target
+
+    with pytest.raises(ModelError, match="prompt-tuning") as e:
+        run_target(runs["prompt_tuning"], "ft:tiny:acme::1234")
+    assert str(runs["prompt_tuning"]) not in without_server_paths(str(e.value))
 
 
 def test_unsupported_parameters_are_refused(server):

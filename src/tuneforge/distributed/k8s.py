@@ -109,15 +109,15 @@ def write_manifest(out: Path, text: str, *, overwrite: bool = False) -> None:
     if out.is_dir() or out.is_symlink():
         raise OutputError(f"--out: {out} is a {'folder' if out.is_dir() else 'link'}; give the manifest's file path")
     if out.exists():
-        if not overwrite:
-            raise SpecError(f"--out: {out} exists; pass --overwrite to replace it")
         try:
             ours = out.read_text(encoding="utf-8", errors="replace").startswith(HEADER)
         except OSError as e:
             raise OutputError(f"--out: cannot read {out}: {e.strerror}") from None
-        if not ours:
+        if not ours:  # --overwrite would not help: say what does
             raise OutputError(f"--out: {out} exists and tuneforge did not render it (its first line is not "
-                              f"'{HEADER.strip()} ...'); choose another file or delete it yourself")
+                              f"'{HEADER.strip()} ...'); choose another file, or move or delete it yourself")
+        if not overwrite:
+            raise SpecError(f"--out: {out} exists (a manifest tuneforge rendered); pass --overwrite to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

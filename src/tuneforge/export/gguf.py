@@ -273,6 +273,10 @@ def export_gguf(run_dir: str | Path, out: str | Path, qtype: str = "f16", *, dat
     record_path = out.with_name(out.name + ".export.json")
     metadata = {"run": str(run.resolve()), "base_model": spec.model, "method": spec.method, "type": qtype}
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # checked writable above; `--out exports/x.gguf` makes exports/
+    except OSError as e:
+        raise files.disk_error(e, out.parent) from None
+    try:
         with tempfile.TemporaryDirectory(prefix="tuneforge-gguf-") as work:
             loaded.tokenizer.save_pretrained(work)
             start = time.perf_counter()

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from tuneforge import __version__
+from tuneforge.service.body_limits import BodyLimits
 from tuneforge.service.context import ServiceContext
 from tuneforge.service.errors import drop_default_validation_responses, install_error_handlers
 from tuneforge.service.settings import ServiceSettings
@@ -31,6 +32,7 @@ def create_app(settings: ServiceSettings, ctx: ServiceContext | None = None) -> 
     app.state.store = ctx.store
     app.state.pepper = settings.pepper()
     install_error_handlers(app)
+    app.add_middleware(BodyLimits)  # every JSON body bounded in size and depth before a handler parses it
     for router in (files_router, jobs_router, models_router, completions_router):
         app.include_router(router)
     app.state.models = _model_server(settings)

@@ -46,10 +46,19 @@ def create_key(store: Store, pepper: bytes, org_name: str) -> str:
     return key
 
 
+def bearer_key(header: str | None) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header; the scheme is required and, as HTTP says, matched
+    without regard to case (`bearer KEY` is the same). None for anything else."""
+    scheme, _, key = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return key.strip()
+
+
 def authenticate(store: Store, pepper: bytes, header: str | None) -> Org:
-    if not header or not header.startswith("Bearer "):
+    key = bearer_key(header)
+    if key is None:
         raise Unauthorized()
-    key = header.removeprefix("Bearer ").strip()
     if not key.startswith(KEY_PREFIX) or len(key) < len(KEY_PREFIX) + PREFIX_LEN + 8:
         raise Unauthorized()
     row = store.key_by_prefix(key[len(KEY_PREFIX): len(KEY_PREFIX) + PREFIX_LEN])
@@ -92,8 +101,11 @@ async def current_org(request: Request,
     cache = getattr(state, "key_cache", None)
     if cache is None:
         cache = state.key_cache = KeyCache()
-    presented = digest(state.pepper, header.removeprefix("Bearer ").strip()) if header else None
-    if presented is not None and (org := cache.get(presented)) is not None:
+    key = bearer_key(header)
+    if key is None:
+        raise Unauthorized()
+    presented = digest(state.pepper, key)
+    if (org := cache.get(presented)) is not None:
         return org
     org = await run_in_threadpool(authenticate, state.store, state.pepper, header)
     cache.put(presented, org)

@@ -2,6 +2,8 @@
 `{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}` with the matching HTTP status."""
 from __future__ import annotations
 
+import re
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,7 +30,7 @@ ERROR_STATUSES = {
     401: "Missing or invalid API key",
     404: "No such object in this organization",
     409: "Conflict: the object is in use, or a request with this Idempotency-Key is still running",
-    413: "The upload is larger than this server's limit",
+    413: "The upload, or a JSON request body, is larger than this server's limit",
     422: "This Idempotency-Key was already used with a different request",
     429: "Too busy: too many unfinished jobs in this organization, or too many requests waiting for a model "
          "(see Retry-After)",
@@ -53,6 +55,18 @@ def drop_default_validation_responses(schema: dict) -> dict:
     for name in ("HTTPValidationError", "ValidationError"):
         schema.get("components", {}).get("schemas", {}).pop(name, None)
     return schema
+
+
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;:()\[\]]+")
+
+
+def without_server_paths(text: str, known: dict[str, str] | None = None) -> str:
+    """A message for a client: each `known` server path replaced by the name the client knows it by, and any
+    other absolute path by "<server path>" (a client never learns how the server's disk is laid out)."""
+    for path, name in sorted((known or {}).items(), key=lambda kv: -len(kv[0])):
+        if path:
+            text = text.replace(path, name)
+    return _SERVER_PATH.sub("<server path>", text)
 
 
 class APIError(Exception):
@@ -111,9 +125,50 @@ class ServerError(APIError):
     type = "server_error"
 
 
+# pydantic names the branch of a union that failed inside `loc` ("n_epochs.literal['auto']", "stop.list[str]",
+# "function-after[_check(), str]"); a client knows the field, not our types.
+_UNION_BRANCH = re.compile(r"^(?:[a-z_-]+\[.*\]|int|float|str|bool|bytes|none|list|dict)$")
+
+
 def _dotted(loc) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")
+             and not (isinstance(p, str) and _UNION_BRANCH.match(p))]
     return ".".join(parts) or "body"
+
+
+def _message(error: dict) -> str:
+    msg = str(error.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors: one line per field (the branches of a union folded into one),
+    in the terms of the API, not of its Python types."""
+    if errors and errors[0].get("type") == "json_invalid":
+        where = errors[0].get("loc", ())
+        at = where[1] if len(where) > 1 and isinstance(where[1], int) else None
+        reason = (errors[0].get("ctx") or {}).get("error", "JSON decode error")
+        return (f"The request body is not valid JSON: {reason}" + (f" at character {at}" if at is not None else "")
+                + "; send a JSON object with Content-Type: application/json"), None
+    by_param: dict[str, list[str]] = {}
+    extra: list[str] = []
+    for e in errors:
+        param = _dotted(e.get("loc", ()))
+        if e.get("type") == "extra_forbidden":
+            extra.append(param)
+            continue
+        messages = by_param.setdefault(param, [])
+        if _message(e) not in messages:
+            messages.append(_message(e))
+    if extra and not by_param:
+        return f"Unrecognized request argument supplied: {', '.join(extra)}", extra[0]
+    lines = [f"{param}: {' or '.join(messages)}" for param, messages in by_param.items()]
+    lines += [f"{param}: unrecognized argument" for param in extra]
+    first = next(iter(by_param))
+    message = lines[0]
+    if len(lines) > 1:
+        message += f" (and {len(lines) - 1} more problem(s): " + "; ".join(lines[1:4]) + ")"
+    return message, first
 
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -134,16 +189,7 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        param = _dotted(first.get("loc", ()))
-        if first.get("type") == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {param}"
-        else:
-            message = f"{param}: {first.get('msg', 'invalid')}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s): " + "; ".join(
-                f"{_dotted(e.get('loc', ()))}: {e.get('msg')}" for e in errors[1:4]) + ")"
+        message, param = validation_message(list(exc.errors()) or [{"loc": (), "msg": "invalid request"}])
         return JSONResponse(InvalidRequest(message, param=param).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

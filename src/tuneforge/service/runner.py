@@ -59,11 +59,13 @@ class JobEvents:
         self.started = time.time()
         self.first_step: int | None = None
         self.last_estimate = 0.0
+        self.training = False  # the engine's loop has started (a stop now waits for the step boundary)
 
     def __call__(self, e: RunEvent) -> None:
         job_id = self.job["id"]
         self._still_ours()
         if e.kind == "started":
+            self.training = True
             self.ctx.store.update_job(job_id, total_steps=e.total_steps)
             if e.step:
                 add_event(self.ctx, job_id, f"Fine-tuning resumed from step {e.step}/{e.total_steps}",
@@ -152,6 +154,15 @@ def _logged_metrics(path: Path, steps: set[int]) -> dict[int, dict]:
     return found
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the ranks' rendezvous binds it moments later)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_json(path: Path, data: dict) -> None:
     from tuneforge.files import atomic_write_text
 
@@ -160,7 +171,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def run(job_id: str, worker_id: str | None = None) -> int:
     from tuneforge import api
-    from tuneforge.errors import TuneforgeError
+    from tuneforge.errors import Stopped, TuneforgeError
     from tuneforge.spec import JobSpec
     from tuneforge.training.allocator import return_big_buffers_to_os, returns_big_buffers
     from tuneforge.training.checkpoint import latest_checkpoint
@@ -174,10 +185,22 @@ def run(job_id: str, worker_id: str | None = None) -> int:
     for stale in ("error.json", "result.json"):  # what an earlier attempt left
         (folder / stale).unlink(missing_ok=True)
     stop = StopRequest()
+    events = None
+
+    def on_signal(signum, frame) -> None:
+        """Cancel, pause or shutdown: during training, stop at the next step boundary with a checkpoint; before it
+        (loading the model, reading data) there is no progress to keep, so leave at once."""
+        stop.request(signal.Signals(signum).name)
+        if not stop.armed and (events is None or not events.training):
+            raise KeyboardInterrupt
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.request(signal.Signals(signum).name))
+        signal.signal(sig, on_signal)
     try:
         spec = JobSpec.model_validate(job["spec"])
+        if spec.distributed is not None and spec.distributed.world_size > 1:  # this job's own rendezvous port
+            spec = spec.model_copy(update={"distributed": spec.distributed.model_copy(
+                update={"master_port": free_port()})})
         if settings.training_threads:
             import torch
 
@@ -191,6 +214,8 @@ def run(job_id: str, worker_id: str | None = None) -> int:
             events.reconcile(Path(spec.output_dir))
         summary = api.train(spec, resume=resume, on_event=events, stop=stop, progress=False)
         events.reconcile(Path(spec.output_dir))
+    except (KeyboardInterrupt, Stopped):  # stopped before training began, or outside a step (nothing to save)
+        return EXIT_STOPPED
     except TuneforgeError as e:
         problems = [{**p.as_dict(), "source": None} for p in e.problems]
         spec = JobSpec.model_validate(job["spec"])
@@ -212,6 +237,12 @@ def main() -> int:
     except Exception:
         logging.getLogger("tuneforge.service.runner").exception("training attempt crashed")
         return EXIT_CRASHED
+    finally:
+        # The attempt is over and its exit status says how. A stop signal may still come (a group SIGTERM reaches
+        # this process and its worker, which passes it on): Python restores the default action while it shuts
+        # down, which would turn this exit into "killed by SIGTERM". Ignored, it cannot.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,18 @@ class ServiceSettings(BaseModel):
         "or bf16 (faster, most on CPUs with AVX512-BF16/AMX; greedy output may differ at near-ties).")
     default_save_every: int = Field(10, ge=1, description="training.save_every for service jobs that do not set "
                                     "it: how many steps a crash, cancel or pause can cost at most.")
+    shutdown_grace_seconds: float = Field(25.0, gt=0, le=3600, description="On SIGTERM/SIGINT: how long running "
+                                          "trainings have to reach a step boundary and checkpoint before they are "
+                                          "stopped at once (keep it below the orchestrator's kill timeout).")
+    # What one job may use (the operator's bounds; a request over one is a 400 naming it).
+    max_job_ranks: int = Field(1, ge=1, le=1024, description="Training processes one job may start "
+                               "(tuneforge.distributed.nproc); 1 refuses distributed jobs.")
+    max_job_tokens: int = Field(100_000_000, ge=1, description="Token budget of one job: optimizer steps x "
+                                "batch_size x grad_accum x ranks x max_seq_len, the most it can train on.")
+    max_running_jobs_per_org: int | None = Field(None, ge=1, description="Jobs of one org training at once "
+                                                 "(default: as many as there are free workers). Whatever it is, "
+                                                 "a free worker takes the next job of the org with the fewest "
+                                                 "running.")
 
     @property
     def url(self) -> str:
@@ -85,10 +97,12 @@ class ServiceSettings(BaseModel):
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
-    """`--adapter NAME=FOLDER` (repeatable) -> {NAME: FOLDER}. A run or model folder is checked when first asked
-    for; an ONNX export (it holds export.json) here, so that a broken one stops the start with one line."""
+    """`--adapter NAME=FOLDER` (repeatable) -> {NAME: FOLDER}. Each folder is checked here, so that one that is not
+    a servable model (a finished run, a merged model, a peft adapter folder or an ONNX export) stops the start with
+    one line instead of being listed to every org and failing each request."""
     from tuneforge.errors import TuneforgeError
     from tuneforge.serving.onnx_engine import check_export, is_export
+    from tuneforge.serving.registry import run_target
 
     out = {}
     for item in items:
@@ -105,6 +119,11 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
                 raise SpecError(f"--adapter {item!r}: {e}") from None
             if record["format"] == "onnx-adapters" and ":" in name:
                 raise SpecError(f"--adapter {item!r}: NAME may not hold ':' (an adapters export serves NAME:ADAPTER)")
+        else:
+            try:
+                run_target(Path(folder.strip()), name.strip())
+            except TuneforgeError as e:
+                raise SpecError(f"--adapter {item!r}: {e}") from None
         out[name.strip()] = str(Path(folder.strip()).resolve())
     return out
 

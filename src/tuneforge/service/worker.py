@@ -74,7 +74,8 @@ class Worker:
         self.ctx = ctx
         self.s = ctx.settings
         self.id = worker_id or f"worker-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.stopping = False
+        self.stopping = False  # SIGTERM/SIGINT: the training checkpoints at its next step, then the job is requeued
+        self.stop_now = False  # SIGUSR1 (the server's grace period ran out): kill the training, requeue at once
 
     # ---------------------------------------------------------------- the loop
 
@@ -82,7 +83,7 @@ class Worker:
         log.info("%s started", self.id)
         while not self.stopping:
             self.reclaim()
-            job = self.ctx.store.claim_next_job(self.id)
+            job = self.ctx.store.claim_next_job(self.id, self.s.max_running_jobs_per_org)
             if job is None:
                 time.sleep(self.s.poll_seconds)
                 continue
@@ -146,6 +147,11 @@ class Worker:
                 proc.kill()
                 proc.wait()
                 return
+            if self.stop_now:
+                proc.kill()
+                proc.wait()
+                self._requeue_now(job_id)
+                return
             want = state["requested"] or ("shutdown" if self.stopping else None)
             if want and requested is None:
                 requested = want
@@ -184,6 +190,15 @@ class Worker:
                                                  f"the job will resume from step {row['step']}", level="warn",
                                                  dedup=f"crash:{row['step']}:{attempts}:{int(time.time())}"))
 
+    def _requeue_now(self, job_id: str) -> None:
+        """The immediate stop: the training was killed mid-step; the job goes back to the queue at its newest
+        checkpoint, so the next start resumes it without waiting for the reclaim timeout."""
+        row = self.ctx.store.get_job(job_id)
+        step = row["step"] if row else 0
+        self.ctx.store.finish_attempt(job_id, self.id, "queued", estimated_finish=None, event=event(
+            job_id, f"Server stopped before the training reached a step boundary; job requeued to resume from "
+                    f"step {step}", level="warn", dedup=f"requeued-now:{step}:{int(time.time())}"))
+
     def _succeeded(self, job: dict, folder: Path) -> None:
         from tuneforge.service.files.service import add_result_file
 
@@ -220,9 +235,15 @@ def main() -> int:
     def stop(signum, frame):
         worker.stopping = True
 
+    def stop_now(signum, frame):
+        worker.stopping = worker.stop_now = True
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, stop_now)
     worker.run_forever()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # stopped already: a late signal changes nothing
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

@@ -356,7 +356,7 @@ class BatchEngine:
         logits, cache = self._forward(ids, [s.adapter for s in seqs], past_key_values=_cache(self.net, []), **kw)
         for i, seq in enumerate(seqs):
             if seq.params.seed is not None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed % 2**64)
             seq.pos = len(seq.prompt_ids)
             append_token(seq, sample(logits[i], seq.params, seq.generator))
         self.batch.add(seqs, _layers(cache), mask)  # finished ones leave at the next _drop_done

@@ -193,7 +193,7 @@ class OnnxEngine:
             if seq.params.seed is not None:
                 import torch
 
-                seq.generator = torch.Generator().manual_seed(seq.params.seed)
+                seq.generator = torch.Generator().manual_seed(seq.params.seed % 2**64)
             self.rows.append(row)
             self._step(row, first=True)
 

@@ -20,13 +20,13 @@ STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "The answ
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
-             responses={**STREAMED, **error_responses(400, 401, 404, 429)})
+             responses={**STREAMED, **error_responses(400, 401, 404, 413, 429)})
 async def chat_completions(request: Request, body: ChatCompletionRequest, org: OrgDep):
     state = request.app.state
     return await service.chat(state.ctx, state.models, org, body, request)
 
 
-@router.post("/completions", response_model=Completion, responses={**STREAMED, **error_responses(400, 401, 404, 429)})
+@router.post("/completions", response_model=Completion, responses={**STREAMED, **error_responses(400, 401, 404, 413, 429)})
 async def completions(request: Request, body: CompletionRequest, org: OrgDep):
     state = request.app.state
     return await service.complete(state.ctx, state.models, org, body, request)

@@ -18,7 +18,7 @@ from tuneforge.service.completions.protocol import (AssistantMessage, ChatChoice
                                                     ChatCompletionRequest, ChunkChoice, Completion, CompletionChoice,
                                                     CompletionRequest, Delta, Usage)
 from tuneforge.service.context import ServiceContext
-from tuneforge.service.errors import InvalidRequest, NotFound, ServerError, TooManyRequests
+from tuneforge.service.errors import InvalidRequest, NotFound, ServerError, TooManyRequests, without_server_paths
 from tuneforge.serving.engine import QueueFull, SamplingParams, Sequence
 from tuneforge.serving.registry import ModelServer, Target, checkpoint_target, operator_models, run_target
 
@@ -46,7 +46,8 @@ def resolve_target(ctx: ServiceContext, org: Org, name: str) -> Target:
         if ckpt is not None:
             return checkpoint_target(ctx.settings.jobs_dir / ckpt["job_id"] / "run", ckpt["step"], name)
     except ModelError as e:
-        raise InvalidRequest(f"model: {e}", param="model", code="model_not_servable") from None
+        raise InvalidRequest(f"model: {name} cannot be served: {without_server_paths(str(e))}", param="model",
+                             code="model_not_servable") from None
     raise NotFound("model", name, param="model")
 
 
@@ -127,7 +128,8 @@ async def _prepare(ctx: ServiceContext, server: ModelServer, org: Org, req, rend
     try:
         prompts = render(tok)
     except DataError as e:
-        raise InvalidRequest(f"messages: {e}", param="messages", code="invalid_messages") from None
+        raise InvalidRequest(f"messages: {without_server_paths(str(e))}", param="messages",
+                             code="invalid_messages") from None
     limit = engine.context_length
     return target, tok, prompts, limit
 

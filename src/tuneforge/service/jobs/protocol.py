@@ -4,21 +4,49 @@ of `status`, `organization_id` or `trained_tokens` is a 400), answers as the ope
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+# OpenAI's bounds where it states them; ours where the engine needs one (every number a client sends is bounded).
+MAX_EPOCHS, MAX_BATCH_SIZE, MAX_LR_MULTIPLIER = 50, 256, 10.0
+SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def auto_or_number(low: float, high: float, *, whole: bool, low_open: bool = False):
+    """A hyperparameter that is "auto" or a number in [low, high] (`low_open`: (low, high]), checked before the
+    union so that a bad value gets one message in OpenAI's terms, not one per branch of the type."""
+    what = (f"a whole number from {low:g} to {high:g}" if whole else
+            f"a number {'above' if low_open else 'of at least'} {low:g} and at most {high:g}")
+
+    def check(value):
+        if value is None or value == "auto":
+            return value
+        number_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if whole:
+            number_ok = number_ok and float(value).is_integer()
+        if not number_ok or not math.isfinite(value) or not (value > low if low_open else value >= low) or value > high:
+            raise ValueError(f'must be {what}, or "auto"; got {value!r}')
+        return int(value) if whole else float(value)
+
+    if whole:
+        kind = Annotated[int, Field(ge=int(low), le=int(high))]
+    else:
+        kind = Annotated[float, Field(gt=low, le=high) if low_open else Field(ge=low, le=high)]
+    return Annotated[Literal["auto"] | kind | None, BeforeValidator(check)]
+
+
 class HyperparametersIn(_Request):
-    batch_size: Literal["auto"] | int | None = None
-    learning_rate_multiplier: Literal["auto"] | float | None = None
-    n_epochs: Literal["auto"] | int | None = None
+    batch_size: auto_or_number(1, MAX_BATCH_SIZE, whole=True) = None
+    learning_rate_multiplier: auto_or_number(0, MAX_LR_MULTIPLIER, whole=False, low_open=True) = Field(
+        None, description="Multiplies the base learning rate (2e-4).")
+    n_epochs: auto_or_number(1, MAX_EPOCHS, whole=True) = None
 
 
 class SupervisedIn(_Request):
@@ -39,7 +67,8 @@ class JobCreate(_Request):
     hyperparameters: HyperparametersIn | None = Field(None, description="Deprecated by OpenAI in favour of method.")
     method: MethodIn | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    suffix: str | None = Field(None, max_length=64)
+    suffix: str | None = Field(None, description="Up to 64 letters, digits, '-' or '_', added to the fine-tuned "
+                               "model's name.")
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
     tuneforge: dict[str, Any] | None = Field(
@@ -58,11 +87,12 @@ class JobCreate(_Request):
                 raise ValueError("keys are at most 64 characters and values at most 512")
         return v
 
-    @field_validator("suffix")
+    @field_validator("suffix", mode="before")
     @classmethod
-    def _suffix(cls, v: str | None) -> str | None:
-        if v is not None and (":" in v or "\x00" in v or not v.strip()):
-            raise ValueError("a non-empty string without ':' or NUL (it becomes part of the model name)")
+    def _suffix(cls, v):
+        if v is not None and not (isinstance(v, str) and SUFFIX.fullmatch(v)):
+            shown = repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."
+            raise ValueError(f"use 1 to 64 letters, digits, '-' or '_' (it becomes part of the model's name); got {shown}")
         return v
 
     @field_validator("tuneforge")

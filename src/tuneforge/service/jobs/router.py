@@ -19,7 +19,7 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
                                               description="A retry with the same key replays the first answer.")]
 
 
-@router.post("", response_model=Job, responses=error_responses(400, 401, 409, 422, 429))
+@router.post("", response_model=Job, responses=error_responses(400, 401, 409, 413, 422, 429))
 async def create(request: Request, body: JobCreate, org: OrgDep, idempotency_key: IdempotencyKey = None):
     status, answer = await run_in_threadpool(service.create, request.app.state.ctx, org, body, idempotency_key)
     return JSONResponse(answer, status_code=status)

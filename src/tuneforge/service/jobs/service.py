@@ -21,9 +21,25 @@ from tuneforge.service.storage.store import now
 
 BASE_LR = 2.0e-4  # what learning_rate_multiplier multiplies: the engine's default peak learning rate
 MIN_EXAMPLES = 10  # as OpenAI: fewer is `invalid_n_examples`
-# Parts of the spec the service owns: a job may not point the engine at other files or folders.
-SERVICE_OWNED = {"model": "model", "output_dir": "output_dir", "trust_remote_code": "trust_remote_code",
-                 "data.train": "training_file", "data.validation": "validation_file", "eval": "eval"}
+# Parts of the spec the service owns (a job may not point the engine at other files, folders, hosts or ports),
+# each with what the client can do instead.
+SERVICE_OWNED = {
+    "model": "set the top-level `model` to one of this server's base models (GET /v1/models)",
+    "output_dir": "the service keeps each job's run folder itself",
+    "data.train": "upload the file and give its id as `training_file`",
+    "data.validation": "upload the file and give its id as `validation_file`",
+    "eval": "held-out evaluation through the API is not available yet: give a `validation_file` for validation "
+            "loss and token accuracy during training",
+    "trust_remote_code": "this server never runs code that comes with a model; choose a base model from "
+                         "GET /v1/models",
+    "distributed.nnodes": "jobs train on this server's machine only (use tuneforge.distributed.nproc for its ranks)",
+    "distributed.node_rank": "jobs train on this server's machine only",
+    "distributed.master_addr": "the service sets up the ranks' rendezvous itself",
+    "distributed.master_port": "the service picks a free port for each job's ranks",
+    "distributed.deepspeed_config": "a DeepSpeed JSON file is the operator's; the spec's own fields set the "
+                                    "strategy, offload and batch sizes",
+}
+JOB_STATES = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}
 
 
 def new_id(prefix: str) -> str:
@@ -94,8 +110,8 @@ def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int) 
     ext = req.tuneforge or {}
     owned = [k for k in _flat_keys(ext) if k in SERVICE_OWNED]
     if owned:
-        raise InvalidRequest(f"tuneforge.{owned[0]}: set by the service from `{SERVICE_OWNED[owned[0]]}`; remove it",
-                             param=f"tuneforge.{owned[0]}")
+        raise InvalidRequest(f"tuneforge.{owned[0]}: set by the service, not by a request; {SERVICE_OWNED[owned[0]]}",
+                             param=f"tuneforge.{owned[0]}", code="service_owned_field")
     training_ext = ext.get("training", {}) if isinstance(ext.get("training"), dict) else {}
     for name, key in (("n_epochs", "epochs"), ("batch_size", "batch_size"), ("learning_rate_multiplier", "lr")):
         if hp.get(name, "auto") != "auto" and key in training_ext:
@@ -137,10 +153,49 @@ def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int) 
             param = f"tuneforge.{first.field}" if first.field.split(".")[0] in ext else names.get(first.field, first.field)
         problems = "; ".join(f"{p.field}: {p.message}" for p in e.problems) or str(e)
         raise InvalidRequest(f"invalid job: {problems}", param=param, code="invalid_job_spec") from None
+    check_job_limits(ctx, spec, req.training_file)
     t = spec.training
     resolved = {"n_epochs": int(t.epochs) if float(t.epochs).is_integer() else t.epochs,
                 "batch_size": t.batch_size, "learning_rate_multiplier": round(t.lr / BASE_LR, 6)}
     return spec, resolved
+
+
+def count_lines(path) -> int:
+    """Lines in a file (an upper bound of its examples), read in blocks."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
+def check_job_limits(ctx: ServiceContext, spec, training_file: str) -> None:
+    """What one job may use, as the operator set it (`tuneforge serve --max-job-ranks/--max-job-tokens`): over a
+    limit is a 400 that names it."""
+    s = ctx.settings
+    ranks = spec.distributed.world_size if spec.distributed is not None else 1
+    if ranks > s.max_job_ranks:
+        raise InvalidRequest(
+            f"tuneforge.distributed.nproc: this job would start {ranks} training processes; this server allows "
+            f"{s.max_job_ranks} per job (its operator's --max-job-ranks)", param="tuneforge.distributed.nproc",
+            code="job_limit_exceeded")
+    t = spec.training
+    per_step = t.batch_size * t.grad_accum * ranks
+    if t.max_steps is not None:
+        steps, how = t.max_steps, f"max_steps {t.max_steps}"
+    else:
+        examples = count_lines(spec.data.train)
+        steps = math.ceil(t.epochs * math.ceil(examples / per_step))
+        how = f"{t.epochs:g} epoch(s) of up to {examples} examples"
+    budget = steps * per_step * t.max_seq_len
+    if budget > s.max_job_tokens:
+        raise InvalidRequest(
+            f"this job could train on up to {budget:,} tokens ({how}, {per_step} sequence(s) of up to {t.max_seq_len} "
+            f"tokens per step); this server allows {s.max_job_tokens:,} per job (its operator's --max-job-tokens): "
+            "lower n_epochs, tuneforge.training.max_steps or max_seq_len, or train on a smaller file",
+            param="hyperparameters.n_epochs" if t.max_steps is None else "tuneforge.training.max_steps",
+            code="job_limit_exceeded")
 
 
 def _check_file(ctx: ServiceContext, org: Org, file_id: str, param: str) -> None:
@@ -248,14 +303,14 @@ def control(ctx: ServiceContext, org: Org, job_id: str, what: str) -> Job:
     with a checkpoint (within seconds) and its worker records the new status."""
     before = get(ctx, org, job_id)
     if what == "resume":
-        status = ctx.store.resume_job(org.id, job_id, event(job_id, "Job resumed: queued to continue from its last "
-                                                                     "checkpoint", dedup=f"resume:{secrets.token_hex(4)}"))
-        if status != "queued":
+        resumed = ctx.store.resume_job(org.id, job_id, event(job_id, "Job resumed: queued to continue from its last "
+                                                                      "checkpoint", dedup=f"resume:{secrets.token_hex(4)}"))
+        if not resumed:
             raise InvalidRequest(f"job {job_id} is {before.status}; only a paused job can be resumed",
                                  param="fine_tuning_job_id", code="invalid_job_state")
         return get(ctx, org, job_id)
     if before.status in ("succeeded", "failed", "cancelled"):
-        raise InvalidRequest(f"job {job_id} already {before.status}; it cannot be {what}ed",
+        raise InvalidRequest(f"job {job_id} already {before.status}; it cannot be {JOB_STATES[what]}",
                              param="fine_tuning_job_id", code="invalid_job_state")
     if what == "pause" and before.status == "paused":
         return before

@@ -242,22 +242,27 @@ class Store:
                 self._with_event(c, done.rowcount == 1, events.get("running"))
             return status
 
-    def resume_job(self, org_id: str, job_id: str, event: dict | None = None) -> str | None:
+    def resume_job(self, org_id: str, job_id: str, event: dict | None = None) -> bool:
+        """paused -> queued (compare-and-swap); False when the job is not paused (or not this org's)."""
         with self.write() as c:
-            row = c.execute(select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.org_id == org_id)).first()
-            if row is None:
-                return None
-            if row[0] == "paused":
-                done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "paused")
-                                 .values(status="queued", requested=None, attempts=0))
-                self._with_event(c, done.rowcount == 1, event)
-                return "queued"
-            return row[0]
+            done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.org_id == org_id, jobs.c.status == "paused")
+                             .values(status="queued", requested=None, attempts=0)).rowcount == 1
+            return self._with_event(c, done, event)
 
-    def claim_next_job(self, worker_id: str) -> dict | None:
-        """Atomically take the oldest queued job: status running, this worker, a fresh heartbeat."""
+    def claim_next_job(self, worker_id: str, max_running_per_org: int | None = None) -> dict | None:
+        """Atomically take the next queued job: status running, this worker, a fresh heartbeat.
+
+        Fair between orgs: the oldest queued job of the org with the fewest jobs running, so one org's queue of
+        jobs cannot hold every worker while another org waits; with `max_running_per_org`, an org already
+        running that many is skipped."""
+        r = jobs.alias("r")
+        running = (select(func.count()).select_from(r).where(r.c.org_id == jobs.c.org_id, r.c.status == "running")
+                   .correlate(jobs).scalar_subquery())
         with self.write() as c:
-            q = select(jobs.c.id).where(jobs.c.status == "queued").order_by(jobs.c.seq).limit(1)
+            q = select(jobs.c.id).where(jobs.c.status == "queued")
+            if max_running_per_org is not None:
+                q = q.where(running < max_running_per_org)
+            q = q.order_by(running, jobs.c.seq).limit(1)
             if not self.sqlite:
                 q = q.with_for_update(skip_locked=True)
             job_id = c.execute(q).scalar()
