@@ -45,8 +45,10 @@ def _rank(rank: int, world: int, model_dir: str, port: int, out: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from tuneforge.distributed.strategy import ForwardLoss
+
     from tuneforge.distributed.torch_strategies import ZeroOneStrategy
     from tuneforge.training.loss import loss_fn_for
+    from tuneforge.training.run_dir import CheckpointDir
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     strategy = ZeroOneStrategy(torch.device("cpu"), 300)
@@ -65,7 +67,7 @@ def _rank(rank: int, world: int, model_dir: str, port: int, out: str) -> None:
         _reset_peak()
         before = _rss_mb()[0]
         if name == "per_rank_shards":
-            strategy.save_model_and_optimizer(folder, model, optimizer)
+            strategy.save_model_and_optimizer(CheckpointDir(folder), model, optimizer)
         else:
             optimizer.consolidate_state_dict(to=0)  # collective: every rank sends its shard
             if rank == 0:

@@ -8,15 +8,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tuneforge import files
 from tuneforge.errors import CheckpointError, OutputError, SpecError, TuneforgeError
 from tuneforge.inference import LoadedModel, generate, is_run_dir, load, require_finished_run
 from tuneforge.spec import JobSpec, build_spec, load_spec
-from tuneforge.training.events import (ConsoleProgress, EventHandler, RunEvent, RunSummary, StopRequest,
-                                      summary_in_output)
+from tuneforge.training.run_dir import RunDir
+from tuneforge.training.events import ConsoleProgress, EventHandler, RunEvent, RunSummary, StopRequest
 
 __all__ = ["train", "report", "evaluate", "load", "generate", "merge", "summary", "LoadedModel", "RunSummary",
            "RunEvent", "StopRequest", "resolve_job", "is_run_dir", "plan", "compare"]
@@ -33,13 +32,15 @@ def resolve_job(spec: JobSpec | dict | str | Path, overrides: list[str] | tuple[
     if isinstance(spec, dict):
         return build_spec(spec, overrides)
     path = files.expand(spec)
-    run_dir = None
-    if resume and path.is_dir() and (path / "spec.yaml").is_file():
-        run_dir, path = path, path / "spec.yaml"
-    elif resume and path.name == "spec.yaml" and files.owner_of(path.parent) == "run":
-        run_dir = path.parent
-    if run_dir is not None:
-        return load_spec(path, [*overrides, f"output_dir={run_dir}"])
+    run = None
+    if resume and RunDir(path).is_run:
+        run = RunDir(path)
+    elif resume and path == RunDir(path.parent).spec and RunDir(path.parent).is_ours:
+        run = RunDir(path.parent)
+    if run is not None:
+        return run.read_spec([*overrides, f"output_dir={run.path}"])
+    if path.is_dir() and RunDir(path).is_run:
+        raise SpecError(f"{spec}: is a run folder, not a spec file; add --resume to continue it (resume=True)")
     return load_spec(path, overrides)
 
 
@@ -53,82 +54,33 @@ def train(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str
     boundary with a checkpoint (status "stopped"). `predict_memory`: predict the run's peak memory first
     (`tuneforge plan`, in a child process), warn through the events when it exceeds this machine's memory and
     record it in the summary as `predicted_peak_mb`; `strict_memory`: refuse to start instead of warning.
-    A spec with several ranks on this node (distributed.nproc > 1) launches them as `tuneforge train` does,
-    in a child process (`_train_ranks`), and returns the main rank's summary."""
+
+    A spec with several ranks on this node (distributed.nproc > 1) is trained by the training entry in a child
+    process (training/entry.py), which launches them; `on_event` then receives the main rank's events, the same
+    `started` / `step` / `checkpoint` / `finished` as one process, and the main rank's summary is returned."""
     from tuneforge.distributed import needs_launch
+    from tuneforge.training.entry import TrainingProcess
     from tuneforge.training.recipe import train as run_recipe
 
     job = resolve_job(spec, overrides, resume=resume)
     handler = on_event or (ConsoleProgress() if progress else None)
-    if needs_launch(job.distributed):  # the main rank writes the before/after report, if the spec asks
-        return _train_ranks(job, resume=resume, overwrite=overwrite, stop_after=stop_after, on_event=on_event,
-                            echo=progress, stop=stop)
     predicted = _predict_peak(job, handler, strict_memory) if predict_memory or strict_memory else None
-    result = run_recipe(job, resume=resume, overwrite=overwrite, stop_after=stop_after, on_event=handler, stop=stop)
+    try:
+        if needs_launch(job.distributed):
+            child = TrainingProcess(job, resume=resume, overwrite=overwrite, stop_after=stop_after)
+            result = child.wait(handler, stop)
+        else:
+            result = run_recipe(job, resume=resume, overwrite=overwrite, stop_after=stop_after, on_event=handler,
+                                stop=stop)
+    finally:
+        if handler is not on_event:
+            handler.close()  # an error message must not land inside the progress bar
     if predicted is not None and not result.already_finished:
         result.predicted_peak_mb = predicted
         _record_prediction(Path(result.output_dir), predicted)
-    if (result.status == "succeeded" and not result.already_finished and job.eval and job.eval.before_after
-            and os.environ.get("RANK", "0") == "0"):  # one report from a multi-rank run: the main rank's
+    if result.status == "succeeded" and not result.already_finished and job.eval and job.eval.before_after:
         result.report = str(report(result.output_dir, progress=progress and on_event is None))
     return result
-
-
-def _train_ranks(job: JobSpec, *, resume: bool, overwrite: bool, stop_after: int | None,
-                 on_event: EventHandler | None, echo: bool, stop: StopRequest | None) -> RunSummary:
-    """Run `tuneforge train` (which starts this node's ranks through distributed.launch_ranks) in a child
-    process and return the main rank's summary. The ranks' console lines reach `on_event` as "info" events
-    (or stderr when `echo`); a `stop` request sends the launcher SIGTERM, so every rank stops at the same step
-    with a checkpoint and the summary says "stopped"; a failure raises DistributedError with the ranks'
-    `error:` lines and the launcher's exit code."""
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    import threading
-    import time
-
-    from tuneforge.distributed import DistributedError
-
-    with tempfile.TemporaryDirectory(prefix="tuneforge-ranks-") as tmp:
-        spec_file = Path(tmp) / "job.yaml"  # relative paths in it stay relative to this working directory
-        spec_file.write_text(job.to_yaml())
-        command = [sys.executable, "-m", "tuneforge.cli", "train", str(spec_file), "--json", "--quiet"]
-        command += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
-        command += ["--stop-after", str(stop_after)] if stop_after else []
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines: list[str] = []
-        stdout: list[str] = []
-
-        def relay() -> None:
-            for line in proc.stderr:
-                lines.append(line.rstrip("\n"))
-                if on_event is not None:
-                    on_event(RunEvent("info", lines[-1]))
-                elif echo:
-                    sys.stderr.write(line)
-
-        # Both pipes are drained while the ranks run, so neither can fill up and block them.
-        readers = [threading.Thread(target=relay, daemon=True),
-                   threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)]
-        for reader in readers:
-            reader.start()
-        while proc.poll() is None:
-            if stop is not None and stop:
-                proc.send_signal(signal.SIGTERM)  # the launcher passes it on; the ranks stop at a step boundary
-                break
-            time.sleep(0.2)
-        proc.wait()
-        for reader in readers:
-            reader.join(timeout=10)
-    summary = summary_in_output("".join(stdout)) if proc.returncode in (0, 130, 143) else None
-    if summary is not None:
-        return summary
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    err = DistributedError("; ".join(dict.fromkeys(errors))[:2000] or
-                           f"the ranks' launcher exited with code {proc.returncode}: {' | '.join(lines[-5:])[:1000]}")
-    err.exit_code = proc.returncode if proc.returncode > 0 else 1
-    raise err
 
 
 def _predict_peak(job: JobSpec, handler: EventHandler | None, strict: bool) -> float | None:
@@ -174,13 +126,12 @@ def _predict_peak(job: JobSpec, handler: EventHandler | None, strict: bool) -> f
 
 def _record_prediction(run_dir: Path, predicted: float) -> None:
     """Add the prediction to a finished run's summary.json (the recipe wrote the measured peak)."""
-    path = run_dir / "summary.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    run = RunDir(run_dir)
+    data = run.read_summary()
+    if data is None:
         return
     data["predicted_peak_mb"] = predicted
-    files.atomic_write_text(path, json.dumps(data, indent=2))
+    files.atomic_write_text(run.summary, json.dumps(data, indent=2))
 
 
 def report(run_dir: str | Path, data: str | Path | None = None, *, progress: bool = True) -> Path:
@@ -189,7 +140,7 @@ def report(run_dir: str | Path, data: str | Path | None = None, *, progress: boo
 
     run = Path(run_dir)
     require_finished_run(run)
-    spec = load_spec(run / "spec.yaml")
+    spec = RunDir(run).read_spec()
     ev = spec.eval
     return write_report(run, data, max_new_tokens=ev.max_new_tokens if ev else 64,
                         examples=ev.examples if ev else 5, progress=progress)
@@ -211,7 +162,7 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
         raise SpecError(f"--out: give the folder for the merged model, got {out!r}")
     run, out = Path(run_dir), files.expand(out)
     require_finished_run(run)
-    spec = load_spec(run / "spec.yaml")
+    spec = RunDir(run).read_spec()
     if spec.method == "prompt_tuning":
         raise TuneforgeError(
             "prompt tuning learns virtual input tokens, not weight deltas, so there is nothing to merge; "
@@ -280,8 +231,9 @@ def compare(spec: JobSpec | dict | str | Path, *, methods=("lora", "dora", "qlor
 
 
 def summary(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "summary.json"
-    if not path.exists():
-        raise CheckpointError(f"{run_dir}: no summary.json (not a finished run)")
-    return json.loads(path.read_text())
+    """A finished run's summary.json."""
+    data = RunDir(run_dir).read_summary()
+    if data is None:
+        raise CheckpointError(f"{run_dir}: no readable summary.json (not a finished run)")
+    return data
 

@@ -7,51 +7,11 @@ try:  # a Ctrl-C while the command is still starting up: exit quietly, as later 
     import argparse
     import json
     import logging
-    import os
     import signal
-    import warnings
-    from contextlib import contextmanager
+
+    from tuneforge.process import quiet_libraries, stop_on_signals
 except KeyboardInterrupt:
     raise SystemExit(130) from None
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (weight-loading bars, optional-kernel notices) hides our own progress."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # transformers imports DeepSpeed whenever it is installed; on a CPU machine its import warns that no GPU was found
-    logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-@contextmanager
-def stop_on_signals(stop):
-    """Ctrl-C or SIGTERM (a scheduler or container stop) while training: finish the step, write a
-    checkpoint, exit 130/143. Outside the training loop, or a second time, they interrupt at once."""
-
-    def handle(signum, frame):
-        name = signal.Signals(signum).name
-        if stop.armed and not stop:
-            stop.request(name)
-            print(f"\n{name}: stopping after this step, with a checkpoint (press Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
-            return
-        stop.request(name)
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def cmd_train(args) -> int:
@@ -59,25 +19,13 @@ def cmd_train(args) -> int:
     from tuneforge.training.allocator import return_big_buffers_to_os, returns_big_buffers
     from tuneforge.training.events import ConsoleProgress, StopRequest
 
-    overrides = args.set + _distributed_overrides(args)
-    job = api.resolve_job(args.spec, overrides, resume=args.resume)
-    from tuneforge.distributed import launch_ranks, needs_launch
-
-    if needs_launch(job.distributed):  # start this node's ranks; each runs this command again
-        rank_args = ["train", args.spec, *(a for o in overrides for a in ("--set", o))]
-        rank_args += [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
-                                            ("--quiet", args.quiet), ("--json", args.json),
-                                            ("--plan", getattr(args, "plan", False)),
-                                            ("--strict-memory", getattr(args, "strict_memory", False))) if on]
-        rank_args += ["--stop-after", str(args.stop_after)] if args.stop_after else []
-        launch_ranks(job.distributed, rank_args)
-        return 0
+    job = api.resolve_job(args.spec, args.set + _distributed_overrides(args), resume=args.resume)
     if returns_big_buffers(job):
         return_big_buffers_to_os()  # process-wide, so set here at the entry point (see training/allocator.py)
     stop = StopRequest()
     console = ConsoleProgress(bar=not args.quiet)
     try:
-        with stop_on_signals(stop):
+        with stop_on_signals(stop):  # several ranks: api.train starts them in a child process
             summary = api.train(job, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
                                 on_event=console, stop=stop, predict_memory=args.plan,
                                 strict_memory=args.strict_memory)
@@ -86,7 +34,7 @@ def cmd_train(args) -> int:
         return 143 if stop.reason == "SIGTERM" else 130
     finally:
         console.close()  # an error message must not land inside the progress bar
-    if args.json and os.environ.get("RANK", "0") == "0":  # one summary from a multi-rank run: the main rank's
+    if args.json:
         print(summary.model_dump_json(indent=2))
     elif summary.report:
         print(f"before/after report: {summary.report}", file=sys.stderr)
@@ -620,13 +568,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     try:
         args = build_parser().parse_args(argv)
-        _quiet_libraries()
+        quiet_libraries()
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
         return args.func(args)
     except TuneforgeError as e:
-        from tuneforge.distributed import rank_label
-
-        print(f"error: {'' if str(e).startswith('rank ') else rank_label()}{e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from tuneforge.errors import CheckpointError, SpecError
-from tuneforge.spec import JobSpec, load_spec
+from tuneforge.spec import JobSpec
+from tuneforge.training.run_dir import RunDir
 
 
 @dataclass
@@ -27,13 +28,11 @@ class LoadedModel:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "spec.yaml").is_file()
+    return RunDir(path).is_run
 
 
 def is_finished_run(path: str | Path) -> bool:
-    p = Path(path)
-    return is_run_dir(p) and ((p / "adapter").is_dir() or (p / "model").is_dir())
+    return RunDir(path).is_finished
 
 
 def require_finished_run(run: Path) -> None:
@@ -57,7 +56,7 @@ def load(ref: str | Path, *, task: str | None = None, device: str = "cpu", like:
     if prompt_template is not None:
         from tuneforge.data.templates import check_template
 
-        run_task = load_spec(Path(ref) / "spec.yaml").task if is_run_dir(ref) else None
+        run_task = RunDir(ref).read_spec().task if is_run_dir(ref) else None
         problem = check_template(task or run_task or (like.task if like else "chat"), prompt_template)
         if problem:
             raise SpecError(f"--prompt-template: {problem}")
@@ -77,20 +76,20 @@ def _load(ref: str | Path, *, task: str | None, device: str, like: JobSpec | Non
             tokenizer.chat_template = like.data.chat_template
         return LoadedModel(load_model(path, device=device).eval(), tokenizer, task or (like.task if like else "chat"),
                            None, None, like.labels if like else None, like.data.prompt_template if like else None)
-    run = Path(ref)
-    require_finished_run(run)
-    spec = load_spec(run / "spec.yaml")
-    if (run / "model").is_dir():
-        model = load_model(run / "model", device=device, trust_remote_code=spec.trust_remote_code)
-        tokenizer = load_tokenizer(run / "model")
+    run = RunDir(ref)
+    require_finished_run(run.path)
+    spec = run.read_spec()
+    if run.model.is_dir():
+        model = load_model(run.model, device=device, trust_remote_code=spec.trust_remote_code)
+        tokenizer = load_tokenizer(run.model)
     else:
         base_path = resolve_model(spec.model)
         # QLoRA adapters are applied to the full-precision base for inference: same weights the 4-bit
         # base was quantised from, without bitsandbytes' slower CPU kernels.
         base = load_model(base_path, device=device, trust_remote_code=spec.trust_remote_code)
-        model = load_adapter(base, run / "adapter")
-        tokenizer = load_tokenizer(run / "adapter")
-    return LoadedModel(model.eval(), tokenizer, task or spec.task, spec.method, run, spec.labels,
+        model = load_adapter(base, run.adapter)
+        tokenizer = load_tokenizer(run.adapter)
+    return LoadedModel(model.eval(), tokenizer, task or spec.task, spec.method, run.path, spec.labels,
                        spec.data.prompt_template)
 
 

@@ -477,8 +477,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     except FileNotFoundError:
         raise fail("spec file not found", "file") from None
     except IsADirectoryError:
-        hint = "; it is a run folder: add --resume to continue it" if (path / "spec.yaml").is_file() else ""
-        raise fail(f"is a folder, expected a YAML spec file{hint}", "file") from None
+        raise fail("is a folder, expected a YAML spec file", "file") from None
     except UnicodeDecodeError as e:
         raise fail(f"not UTF-8 text ({e.reason} at byte {e.start})", "file") from None
     except OSError as e:

@@ -1,7 +1,9 @@
-"""The real CLI launching ranks through torch.distributed.run: `--nproc 2`, two nodes on localhost,
-a rank killed with SIGKILL then `--resume`, and a hung rank reported within the timeout."""
+"""Launching ranks through torch.distributed.run from the real CLI and from the Python API (both through the
+training entry): `--nproc 2`, two nodes on localhost, a rank killed with SIGKILL then `--resume`, a hung rank
+reported within the timeout, and the API's events, stop and resume with two ranks."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -96,15 +98,24 @@ def test_rendezvous_failures_are_one_line_naming_what_failed(tiny_models, dist_d
 
 
 def _rank_pids(parent: int) -> dict[int, int]:
-    """{RANK: pid} of the launcher's worker processes."""
-    found = {}
-    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+    """{RANK: pid} of the ranks among `parent`'s descendants (the CLI starts the training entry, whose launcher
+    starts the ranks)."""
+    found, todo = {}, [parent]
+    while todo:
+        pid = todo.pop()
         try:
-            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_bytes().decode().split("\0") if "=" in kv)
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
             continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = int(child)
+        for child in children:
+            todo.append(int(child))
+            try:
+                env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_bytes().decode().split("\0")
+                           if "=" in kv)
+            except OSError:
+                continue
+            if "RANK" in env and "TORCHELASTIC_RUN_ID" in env:
+                found[int(env["RANK"])] = int(child)
     return found
 
 
@@ -186,9 +197,10 @@ def test_hung_rank_fails_the_run_within_the_timeout_naming_it(tiny_models, dist_
                 break
         waited = time.time() - started
     finally:
-        # The launcher would wait 30 s for the stopped rank to honour SIGTERM before its SIGKILL.
-        os.kill(hung, signal.SIGKILL)
-        proc.communicate(timeout=60)
+        # The launcher would wait for the stopped rank to honour SIGTERM before its SIGKILL.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGKILL)
+        proc.communicate(timeout=90)
     assert proc.returncode != 0
     assert waited < timeout + 10, waited
     assert line.startswith("error: rank 0: ") and "rank 1 last reported 'step" in line, line
@@ -196,8 +208,8 @@ def test_hung_rank_fails_the_run_within_the_timeout_naming_it(tiny_models, dist_
 
 
 def test_python_api_launches_the_ranks_like_the_cli(one_process_runs, tmp_path):
-    """`tuneforge.train(spec)` with distributed.nproc 2 starts the ranks through the CLI's launcher (in a
-    child process) and returns the main rank's summary; the trajectory is the 1-process one."""
+    """`tuneforge.train(spec)` with distributed.nproc 2 starts the ranks through the training entry (in a child
+    process, never the CLI) and returns the main rank's summary; the trajectory is the 1-process one."""
     import json
 
     import tuneforge
@@ -212,3 +224,38 @@ def test_python_api_launches_the_ranks_like_the_cli(one_process_runs, tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "state.json").read_text())
     assert (state["world_size"], state["strategy"]) == (2, "zero1")  # written by 2 ranks
     _assert_same_losses(metrics(one_process_runs / "single-lora"), metrics(tmp_path / "run"))
+
+
+def test_python_api_with_two_ranks_gives_the_same_events_as_one_process(tiny_models, dist_data, tmp_path,
+                                                                         monkeypatch):
+    """tuneforge.train with distributed.nproc 2: the ranks run in a child process (the training entry) and its
+    events reach on_event as one process's would, from the main rank; a StopRequest stops every rank at one step
+    boundary with a checkpoint and the summary says so; resuming the folder through the API finishes the run."""
+    import tuneforge
+    from tuneforge.training.events import StopRequest
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = dist_spec(tiny_models["llama"], dist_data, tmp_path / "run", world=2, distributed={"strategy": "ddp"},
+                     max_steps=6, save_every=2)
+    spec["distributed"]["master_port"] = free_port()
+    stop, events = StopRequest(), []
+
+    def on_event(e):
+        events.append(e)
+        if e.kind == "step" and e.step == 3:
+            stop.request("the caller's stop")
+
+    stopped = tuneforge.train(spec, on_event=on_event, stop=stop, progress=False)
+    at = stopped.steps  # the events reach the caller while the ranks go on: the stop lands at step 3 or a later one
+    assert stopped.status == "stopped" and stopped.stop_reason == "SIGTERM" and 3 <= at < 6
+    assert [e.kind for e in events if e.kind != "warning"][0] == "started"
+    assert [e.step for e in events if e.kind == "step"] == list(range(1, at + 1))
+    assert [e.step for e in events if e.kind == "checkpoint"] == sorted({2, 4, at} - {k for k in (4,) if k > at})
+    assert events[-1].kind == "stopped" and stopped.checkpoint.endswith(f"step-{at:06d}")
+    assert next(e for e in events if e.kind == "started").data["world_size"] == 2
+    resumed: list = []
+    done = tuneforge.train(tmp_path / "run", resume=True, on_event=resumed.append, progress=False,
+                           overrides=[f"distributed.master_port={free_port()}"])
+    assert done.status == "succeeded" and done.steps == 6
+    assert [e.step for e in resumed if e.kind == "step"] == list(range(at + 1, 7)) and resumed[-1].kind == "finished"
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]

@@ -37,8 +37,9 @@ def _one_step_and_checkpoint(rank: int, name: str, strategy, model, out: Path) -
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     from tuneforge.distributed.strategy import ForwardLoss
-    from tuneforge.distributed.torch_strategies import TorchProcessGroup, local_state_bytes, optimizer_shard_file
+    from tuneforge.distributed.torch_strategies import TorchProcessGroup, local_state_bytes
     from tuneforge.training.loss import loss_fn_for
+    from tuneforge.training.run_dir import CheckpointDir
 
     forward = strategy.wrap(ForwardLoss(model, loss_fn_for(model, chunked=False)))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -60,19 +61,19 @@ def _one_step_and_checkpoint(rank: int, name: str, strategy, model, out: Path) -
     consolidate = ZeroRedundancyOptimizer.consolidate_state_dict
     ZeroRedundancyOptimizer.consolidate_state_dict = gather
     try:
-        strategy.save_model_and_optimizer(folder, model, optimizer)
+        strategy.save_model_and_optimizer(CheckpointDir(folder), model, optimizer)
     finally:
         ZeroRedundancyOptimizer.consolidate_state_dict = consolidate
     strategy.barrier()
     results["zero1_checkpoint"] = {"files": sorted(p.name for p in folder.iterdir()),
-                                   "shard_bytes": (folder / optimizer_shard_file(rank)).stat().st_size}
+                                   "shard_bytes": CheckpointDir(folder).optimizer_shard(rank).stat().st_size}
     # Loading restores this rank's state and learning rate, from the shards and from a checkpoint written
     # gathered (optimizer.pt: how tuneforge saved zero1 before the per-rank shards)
     legacy = out / "zero1-gathered"
     legacy.mkdir(parents=True, exist_ok=True)
     strategy.barrier()
     optimizer.consolidate_state_dict(to=0)
-    TorchProcessGroup.save_model_and_optimizer(strategy, legacy, model, optimizer)
+    TorchProcessGroup.save_model_and_optimizer(strategy, CheckpointDir(legacy), model, optimizer)
     strategy.barrier()
     saved = _optimizer_fingerprint(optimizer)
     for source in (folder, legacy):
@@ -81,7 +82,7 @@ def _one_step_and_checkpoint(rank: int, name: str, strategy, model, out: Path) -
                 v.zero_()
         for group in optimizer.param_groups:
             group["lr"] = 123.0
-        strategy.load_model_and_optimizer(source, model, optimizer)
+        strategy.load_model_and_optimizer(CheckpointDir(source), model, optimizer)
         results[f"restored_from_{source.name}"] = _optimizer_fingerprint(optimizer) == saved
     return results
 

@@ -74,22 +74,3 @@ def test_ranks_split_the_one_process_steps(world, group_by_length):
         seen = [i for p in per_rank for step in p for mb in step for i in mb]
         assert sorted(seen) == list(range(len(lengths)))
     assert step_groups(lengths, 3, 2, 7, 0) == step_groups(lengths, 3, 2, 7, 0, True, 0, 1)  # 1 rank: unchanged
-
-
-def test_main_rank_summary_is_read_past_what_libraries_print():
-    """The launcher's stdout holds rank 0's `--json` summary; lines a library prints before or after it are skipped."""
-    import json
-
-    from tuneforge.training.events import summary_in_output as main_rank_summary
-
-    summary = {"status": "stopped", "stop_reason": "SIGTERM", "output_dir": "runs/x", "method": "lora", "task": "chat",
-               "model": "m", "model_path": "/m", "model_type": "llama", "trainable_params": 1, "total_params": 2,
-               "base_weight_bytes": {"bfloat16": 4}, "train_examples": 8, "validation_examples": 0,
-               "train_tokens": 64, "steps": 1, "total_steps": 4, "tokens_seen": 16, "tokens_per_second": 1.0,
-               "peak_rss_mb": 100.0, "final_train_loss": 1.0, "final_eval_loss": None,
-               "final_eval_token_accuracy": None, "eval_step": None, "precision": "float32",
-               "base_dtype": "float32", "device": "cpu", "wall_seconds": 1.0}
-    text = json.dumps(summary, indent=2)
-    assert main_rank_summary(f"[deepspeed] hello\n{text}\n[rank0] bye {{\n").stop_reason == "SIGTERM"
-    assert main_rank_summary("no summary here") is None
-    assert main_rank_summary(text[:-20]) is None  # cut short: not a summary

@@ -281,7 +281,7 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(capsys, llama, data
     """A real full disk where the machine lets us mount a small tmpfs; otherwise the OS's ENOSPC, injected."""
     import errno
 
-    from tuneforge.training import checkpoint
+    from tuneforge.distributed import strategy
 
     disk = tmp_path / "disk"
     mounted = _mount_tmpfs(disk, "4m")
@@ -294,7 +294,7 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(capsys, llama, data
         spec["adapter"]["r"] = 8 if mounted else 4
         calls = []
         if not mounted:
-            real = checkpoint.save_file
+            real = strategy.save_file
 
             def save_file(tensors, path, *a, **kw):
                 calls.append(path)
@@ -302,7 +302,7 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(capsys, llama, data
                     raise OSError(errno.ENOSPC, "No space left on device")
                 return real(tensors, path, *a, **kw)
 
-            monkeypatch.setattr(checkpoint, "save_file", save_file)
+            monkeypatch.setattr(strategy, "save_file", save_file)
         code, _, err = cli(capsys, "train", write_spec(tmp_path / "job.yaml", spec))
         assert code == 1 and "disk is full" in err.lower(), err
         names = sorted(p.name for p in (run / "checkpoints").iterdir())

@@ -11,6 +11,7 @@ from tests.service.test_claims import _job_row
 from tuneforge.files import RUN_MARKER
 from tuneforge.service.context import ServiceContext
 from tuneforge.service.runner import JobEvents
+from tuneforge.training.run_dir import RunDir
 
 
 def checkpoint(run, step: int, complete: bool = True):
@@ -40,8 +41,8 @@ def test_rows_follow_the_disk_after_a_kill_mid_prune(store, tmp_path):
     events._record_checkpoint(196, {"step": 196, "train_loss": 2.0})  # the rows the killed attempt wrote
     events._record_checkpoint(198, {"step": 198, "train_loss": 1.5})
 
-    events.reconcile(run)
-    events.reconcile(run)  # idempotent
+    events.reconcile(RunDir(run))
+    events.reconcile(RunDir(run))  # idempotent
 
     rows = {r["step"]: r for r in store.list_checkpoints(job["id"], limit=10, after=None)[0]}
     assert sorted(rows) == [198, 200]

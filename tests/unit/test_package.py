@@ -39,7 +39,7 @@ def test_imports_flow_one_way():
     `api` (the facade) is imported only by the service and the entry points (cli, demo, the package's lazy
     exports)."""
     layers = [
-        {"errors", "files", "hardware"},
+        {"errors", "files", "hardware", "process"},
         {"spec", "data", "models", "methods", "distributed"},
         {"training", "inference"},
         {"evaluation", "export", "planning"},
@@ -60,3 +60,46 @@ def test_imports_flow_one_way():
             if rank[bits[1]] > rank[part]:
                 problems.append(f"{mod} imports {imported}")
     assert problems == []
+
+
+def _started_modules(path: Path) -> set[str]:
+    """tuneforge modules `path` starts as a process: string constants naming one (`-m tuneforge.cli`, or a
+    command list's "tuneforge.cli" item)."""
+    found = set()
+    tree = ast.parse(path.read_text())
+    prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:  # not docstrings
+            for word in node.value.replace("=", " ").split():
+                if word.startswith("tuneforge.") and word.replace(".", "").replace("_", "").isalnum():
+                    found.add(word)
+    return found
+
+
+def test_no_module_below_the_cli_starts_the_cli_or_a_higher_layer():
+    """Starting a module as a process is an import the import statements do not show: a lower layer that starts
+    the CLI (or the service) depends on it all the same. Processes are started through their own entry modules
+    (training/entry.py, the service's worker and runner), each in its layer."""
+    layers = ["errors files hardware process", "spec data models methods distributed", "training inference",
+              "evaluation export planning", "serving", "api", "service", "cli demo demo_data __init__"]
+    rank = {name: i for i, layer in enumerate(layers) for name in layer.split()}
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        mod = _module(path)
+        part = mod.split(".")[1] if mod != "tuneforge" else "__init__"
+        for started in _started_modules(path):
+            bits = started.split(".")
+            if len(bits) >= 2 and bits[1] in rank and rank[bits[1]] > rank[part]:
+                problems.append(f"{mod} starts {started}")
+            if started == "tuneforge.cli" and part != "cli":
+                problems.append(f"{mod} starts the CLI")
+    assert problems == []
+
+
+def test_the_process_check_sees_a_lower_layer_starting_the_cli(tmp_path):
+    """The check above, on a module written the way api.py once started the ranks."""
+    module = tmp_path / "x.py"
+    module.write_text('import subprocess, sys\ncommand = [sys.executable, "-m", "tuneforge.cli", "train", "job.yaml"]\n')
+    assert _started_modules(module) == {"tuneforge.cli"}
+    module.write_text('CODE = "from tuneforge.planning.probe import _child; _child()"\n')
+    assert "tuneforge.planning.probe" in _started_modules(module)

@@ -212,21 +212,22 @@ class DeepSpeedStrategy(TorchProcessGroup):
         ds_comm.cdb = None
         self.engine = None
 
-    def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
+    def save_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
         if self.stage == 0:
-            return super().save_model_and_optimizer(folder, model, optimizer.inner)
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False,
+            return super().save_model_and_optimizer(checkpoint, model, optimizer.inner)
+        self.engine.save_checkpoint(str(checkpoint.deepspeed), tag="state", save_latest=False,
                                     exclude_frozen_parameters=True)
 
-    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
+    def load_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
         if self.stage == 0:
-            return super().load_model_and_optimizer(folder, model, optimizer.inner)
-        if not (folder / "deepspeed" / "state").is_dir():
-            raise CheckpointError(f"{folder / 'deepspeed'} is missing")
+            return super().load_model_and_optimizer(checkpoint, model, optimizer.inner)
+        folder = checkpoint.deepspeed
+        if not (folder / "state").is_dir():
+            raise CheckpointError(f"{folder} is missing")
         try:
-            path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
+            path, _ = self.engine.load_checkpoint(str(folder), tag="state", load_module_strict=False,
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as e:  # a truncated shard
-            raise CheckpointError(f"{folder / 'deepspeed'} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
+            raise CheckpointError(f"{folder} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
         if path is None:
-            raise CheckpointError(f"{folder / 'deepspeed'}: DeepSpeed found no checkpoint there")
+            raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint there")

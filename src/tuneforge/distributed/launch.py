@@ -1,7 +1,8 @@
 """Starting the ranks (torch.distributed.run's elastic launcher) and picking each rank's strategy.
 
-`tuneforge train SPEC --nproc N` runs `launch_ranks`: torch's elastic agent starts N copies of
-`python -m tuneforge.cli train SPEC ...` on this node, with RANK / WORLD_SIZE / LOCAL_RANK /
+A run with `distributed.nproc` N > 1 is trained by the training entry (training/entry.py), which calls
+`launch_ranks`: torch's elastic agent starts N copies of `python -m tuneforge.training.entry CHANNEL ...` on this
+node, with RANK / WORLD_SIZE / LOCAL_RANK /
 MASTER_ADDR / MASTER_PORT set, and watches them. Multi-node: every node runs the same command with
 its own `--node-rank`; node 0's agent hosts the rendezvous store at master_addr:master_port (the
 "static" rendezvous, as `torchrun --nnodes N --node-rank R --master-addr A --master-port P`).
@@ -30,7 +31,7 @@ def in_launched_rank() -> bool:
 
 
 def needs_launch(d: DistributedSpec | None) -> bool:
-    """The spec asks for ranks and we are not one yet: the CLI must start them."""
+    """The spec asks for ranks and we are not one yet: they must be started (tuneforge.train does it)."""
     return d is not None and d.strategy != "none" and d.world_size > 1 and not in_launched_rank()
 
 
@@ -41,7 +42,8 @@ def build_strategy(d: DistributedSpec | None, device: torch.device, *, batch_siz
     if not in_launched_rank():
         if d is not None and d.strategy != "none" and d.world_size > 1:
             raise SpecError(f"distributed: nproc x nnodes = {d.world_size} processes are needed; start them with "
-                            "`tuneforge train SPEC` (it launches them) or torchrun, not from inside one process")
+                            "`tuneforge train SPEC` or tuneforge.train(spec) (they launch them) or torchrun, not "
+                            "from inside one process")
         return SingleDevice(device)
     world = int(os.environ["WORLD_SIZE"])
     if d is None or d.strategy == "none":
@@ -75,7 +77,9 @@ def rank_label() -> str:
 
 
 def launch_ranks(d: DistributedSpec, rank_args: list[str], threads_per_rank: int | None = None) -> None:
-    """Run `python -m tuneforge.cli <rank_args>` as this node's `d.nproc` ranks and wait for them.
+    """Run `python <rank_args>` (`-m tuneforge.training.entry CHANNEL ...`) as this node's `d.nproc` ranks and wait
+    for them. Call it from a process of its own (the training entry): torch's agent takes over the process's
+    SIGTERM and SIGINT handlers while it runs.
 
     Raises DistributedError naming the first rank that failed (its own message is printed above
     by the rank); its exit code is that rank's when it exited with one."""
@@ -89,7 +93,8 @@ def launch_ranks(d: DistributedSpec, rank_args: list[str], threads_per_rank: int
         run_id=f"tuneforge-{d.master_port}", rdzv_backend="static",
         rdzv_endpoint=f"{d.master_addr}:{d.master_port}",
         rdzv_configs={"rank": d.node_rank, "timeout": int(d.timeout_seconds)},
-        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=10,
+        # shutdown_timeout: after SIGTERM, how long the ranks have to reach a step boundary and checkpoint
+        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=60,
     )
     # Ranks on one node share its cores: one OpenMP team per rank, not one per core each.
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // d.nproc)
@@ -98,7 +103,7 @@ def launch_ranks(d: DistributedSpec, rank_args: list[str], threads_per_rank: int
     try:
         if d.node_rank > 0:
             check_rendezvous_reachable(d)  # one clear line instead of c10d's C++ log and stack frames
-        elastic_launch(config, entrypoint=sys.executable)("-m", "tuneforge.cli", *rank_args)
+        elastic_launch(config, entrypoint=sys.executable)(*rank_args)
     except ChildFailedError as e:
         raise _failure_error(e, d) from None
     except SignalException as e:  # Ctrl-C / SIGTERM: the agent passed it on; ranks stop at a step boundary

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import CheckpointError, TuneforgeError
 
 
 class DistributedError(TuneforgeError):
     """A rank died, hung or could not join the process group; the message names the rank."""
 
+    kind = "distributed"
     exit_code = 1
 
 
@@ -62,11 +64,55 @@ class Strategy(Protocol):
     def barrier(self) -> None: ...
     def heartbeat(self, activity: str) -> None: ...
     def check_peers(self) -> None: ...
-    def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None: ...
-    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None: ...
+    # `checkpoint`: a training.run_dir.CheckpointDir, which names the files of a checkpoint folder
+    def save_model_and_optimizer(self, checkpoint, model, optimizer) -> None: ...
+    def load_model_and_optimizer(self, checkpoint, model, optimizer) -> None: ...
     def full_state_dict(self, model) -> dict | None: ...
     def diagnose(self, error: BaseException) -> TuneforgeError | None: ...
     def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- checkpoints of whole (replicated) weights
+
+
+def read_checkpoint_file(path: Path, load: Callable):
+    """`load(path)`, or CheckpointError naming the file when it is missing or damaged (a truncated write)."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # safetensors' SafetensorError, torch's unpickling and zip errors, OSError
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def save_weights_and_optimizer(checkpoint, model, optimizer) -> None:
+    """The trainable weights (safetensors) and the optimizer's state, as one process holds them."""
+    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+              checkpoint.weights)
+    torch.save(optimizer.state_dict(), checkpoint.optimizer)
+
+
+def copy_weights(folder: Path, model, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing = sorted(expected - set(weights))[:3]
+        raise CheckpointError(f"checkpoint {folder} does not match this model/method (e.g. missing {missing}); "
+                              "resume with the same spec, or start a new output_dir")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+
+
+def load_weights_and_optimizer(checkpoint, model, optimizer) -> None:
+    """Read both files before touching the model (a damaged one is named and nothing is applied)."""
+    weights = read_checkpoint_file(checkpoint.weights, load_file)
+    state = read_checkpoint_file(checkpoint.optimizer, lambda p: torch.load(p, weights_only=True))
+    copy_weights(checkpoint.path, model, weights)
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {checkpoint.path} does not match this optimizer: {e}") from None
 
 
 class SingleDevice:
@@ -122,11 +168,11 @@ class SingleDevice:
     def check_peers(self) -> None:
         return None
 
-    def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None:  # training/checkpoint.py's own format
-        raise NotImplementedError
+    def save_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
+        save_weights_and_optimizer(checkpoint, model, optimizer)
 
-    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
-        raise NotImplementedError
+    def load_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
+        load_weights_and_optimizer(checkpoint, model, optimizer)
 
     def full_state_dict(self, model) -> dict | None:
         return None  # the model itself holds its full weights

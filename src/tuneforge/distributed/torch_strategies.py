@@ -21,13 +21,13 @@ import os
 import time
 from contextlib import nullcontext
 from datetime import timedelta
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from tuneforge.distributed.strategy import DistributedError, ForwardLoss
+from tuneforge.distributed.strategy import (DistributedError, ForwardLoss, copy_weights, load_weights_and_optimizer,
+                                           read_checkpoint_file, save_weights_and_optimizer)
 from tuneforge.errors import CheckpointError, TuneforgeError
 
 # Words in the errors gloo / nccl / the TCP store raise when a peer is gone or silent.
@@ -171,35 +171,14 @@ class TorchProcessGroup:
     def full_state_dict(self, model) -> dict | None:
         return None  # replicated: the main rank's model holds the full weights
 
-    # ---- checkpoints of replicated weights: the main rank writes training/checkpoint.py's files
-    def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
-        from safetensors.torch import save_file
-
+    # ---- checkpoints of replicated weights: the main rank writes the files one process writes. `checkpoint` is a
+    # training.run_dir.CheckpointDir (the folder's file names are known there, not here).
+    def save_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
         if self.is_main:
-            weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(weights, folder / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            save_weights_and_optimizer(checkpoint, model, optimizer)
 
-    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
-        from safetensors.torch import load_file
-
-        try:
-            weights = load_file(folder / "trainable.safetensors")
-            state = torch.load(folder / "optimizer.pt", weights_only=True)
-        except Exception as e:  # a truncated or missing file
-            raise CheckpointError(f"{folder}: weights or optimizer state unreadable ({type(e).__name__}: "
-                                  f"{str(e)[:200]})") from None
-        _copy_weights(folder, model, weights)
-        optimizer.load_state_dict(state)
-
-
-def _copy_weights(folder: Path, model, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    if set(weights) != {n for n, p in params.items() if p.requires_grad}:
-        raise CheckpointError(f"checkpoint {folder} does not match this model/method; resume with the same spec")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
+    def load_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
+        load_weights_and_optimizer(checkpoint, model, optimizer)
 
 
 class DDPStrategy(TorchProcessGroup):
@@ -234,7 +213,7 @@ class ZeroOneStrategy(DDPStrategy):
     # Checkpoints: every rank writes its own shard of the optimizer state (`optimizer-rank00001.pt`), the
     # main rank the (replicated) weights. Nothing is gathered: torch's consolidate_state_dict would broadcast
     # every shard to every rank (8.1 GB on one rank for SmolLM2 full fine-tuning; docs/benchmarks.md).
-    def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
+    def save_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
         from safetensors.torch import save_file
 
         local = optimizer.optim  # this rank's optimizer over its partition of the parameters
@@ -244,37 +223,28 @@ class ZeroOneStrategy(DDPStrategy):
         names = {p: n for n, p in model.named_parameters()}
         shard = {"state": local.state_dict(), "world_size": self.world_size,
                  "params": [names[p] for g in local.param_groups for p in g["params"]]}
-        torch.save(shard, folder / optimizer_shard_file(self.rank))
+        torch.save(shard, checkpoint.optimizer_shard(self.rank))
         if self.is_main:
-            weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(weights, folder / "trainable.safetensors")
+            save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                      checkpoint.weights)
 
-    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
+    def load_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
         from safetensors.torch import load_file
 
-        path = folder / optimizer_shard_file(self.rank)
-        if not path.exists() and (folder / "optimizer.pt").exists():  # written gathered, before per-rank shards
-            return super().load_model_and_optimizer(folder, model, optimizer)
-        try:
-            weights = load_file(folder / "trainable.safetensors")
-            shard = torch.load(path, weights_only=True)
-        except Exception as e:  # a truncated or missing file
-            raise CheckpointError(f"{folder}: weights or this rank's optimizer shard ({path.name}) unreadable "
-                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+        path = checkpoint.optimizer_shard(self.rank)
+        if not path.exists() and checkpoint.optimizer.exists():  # written gathered, before per-rank shards
+            return super().load_model_and_optimizer(checkpoint, model, optimizer)
+        weights = read_checkpoint_file(checkpoint.weights, load_file)
+        shard = read_checkpoint_file(path, lambda p: torch.load(p, weights_only=True))
         local = optimizer.optim
         names = {p: n for n, p in model.named_parameters()}
         mine = [names[p] for g in local.param_groups for p in g["params"]]
         if shard.get("params") != mine:
             raise CheckpointError(f"{path}: its optimizer shard covers other parameters than rank {self.rank} "
                                   "holds now; resume with the same spec and number of processes")
-        _copy_weights(folder, model, weights)
+        copy_weights(checkpoint.path, model, weights)
         local.load_state_dict(shard["state"])
         _copy_hyperparameters(local.param_groups, optimizer.param_groups)  # the saved lr, as one process restores it
-
-
-def optimizer_shard_file(rank: int) -> str:
-    """zero1 (torch): the file holding one rank's optimizer state in a checkpoint folder."""
-    return f"optimizer-rank{rank:05d}.pt"
 
 
 def _copy_hyperparameters(source: list[dict], target: list[dict]) -> None:
@@ -329,24 +299,25 @@ class FSDPStrategy(TorchProcessGroup):
 
         return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
 
-    def save_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
+    def save_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
         import torch.distributed.checkpoint as dcp
 
         model_state, optim_state = self._state(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder / "sharded")
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=checkpoint.sharded)
 
-    def load_model_and_optimizer(self, folder: Path, model, optimizer) -> None:
+    def load_model_and_optimizer(self, checkpoint, model, optimizer) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        if not (folder / "sharded" / ".metadata").is_file():
-            raise CheckpointError(f"{folder / 'sharded'} is missing or incomplete (no .metadata)")
+        folder = checkpoint.path
+        if not (checkpoint.sharded / ".metadata").is_file():
+            raise CheckpointError(f"{checkpoint.sharded} is missing or incomplete (no .metadata)")
         model_state, optim_state = self._state(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         try:
-            dcp.load(state, checkpoint_id=folder / "sharded")
+            dcp.load(state, checkpoint_id=checkpoint.sharded)
         except Exception as e:  # CheckpointException carries every rank's failure
-            raise CheckpointError(f"{folder / 'sharded'} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
+            raise CheckpointError(f"{checkpoint.sharded} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
         # strict=False: the frozen base weights are not in the checkpoint (they come from the model folder)
         result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                                 options=StateDictOptions(ignore_frozen_params=True, strict=False))

@@ -42,11 +42,12 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
     from tuneforge.data.validate import validate_jsonl
     from tuneforge.inference import load, require_finished_run
     from tuneforge.evaluation.runner import evaluate_records
-    from tuneforge.spec import load_spec
+    from tuneforge.training.run_dir import RunDir
 
     run = Path(run_dir)
     require_finished_run(run)  # before evaluating anything
-    spec = load_spec(run / "spec.yaml")
+    layout = RunDir(run)
+    spec = layout.read_spec()
     data = data or (spec.eval.data if spec.eval else None) or spec.data.validation
     if not data:
         raise CheckpointError("no held-out data: pass --data FILE or set eval.data in the spec")
@@ -67,13 +68,13 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
             lines.append(f"| {key} | {b:.4g} | {t:.4g} | {'yes' if better else 'no'} |")
     lines += ["", "![loss curve](loss_curve.png)", ""]
     if "outputs" in base:
-        _plot(base, tuned, run / "before_after.png")
+        _plot(base, tuned, layout.before_after)
         lines += ["![before/after](before_after.png)", "", "## Examples", "",
                   "| input | reference | base | fine-tuned |", "|---|---|---|---|"]
         for b, t in list(zip(base["outputs"], tuned["outputs"]))[:examples]:
             lines.append(f"| {_clip(b['prompt'])} | {_clip(b['reference'])} | {_clip(b['output'])} | {_clip(t['output'])} |")
-    out = run / "report.md"
+    out = layout.report
     out.write_text("\n".join(lines) + "\n")
-    (run / "report.json").write_text(json.dumps({"data": str(data), "base": base, "fine_tuned": tuned}, indent=2,
+    layout.report_json.write_text(json.dumps({"data": str(data), "base": base, "fine_tuned": tuned}, indent=2,
                                                 ensure_ascii=False))
     return out

@@ -133,7 +133,7 @@ def evaluate_file(model_ref: str | Path, data: str | Path, task: str | None = No
     """`tuneforge eval`: validate `data`, load the model or run, and return its metrics. The data is
     checked before the model loads (with the run's task and labels when `model_ref` is a run)."""
     from tuneforge.inference import is_run_dir, load, require_finished_run
-    from tuneforge.spec import load_spec
+    from tuneforge.training.run_dir import RunDir
 
     for name in ("max_seq_len", "max_new_tokens", "batch_size"):
         if name in kw and not (isinstance(kw[name], int) and kw[name] >= 1):
@@ -142,7 +142,7 @@ def evaluate_file(model_ref: str | Path, data: str | Path, task: str | None = No
     run_spec = None
     if is_run_dir(model_ref):
         require_finished_run(Path(model_ref))
-        run_spec = load_spec(Path(model_ref) / "spec.yaml")
+        run_spec = RunDir(model_ref).read_spec()
     check_task = task or (run_spec.task if run_spec else "chat")
     labels = kw.get("labels") or (run_spec.labels if run_spec else None)
     if check_task == "classification" and not labels:

@@ -47,12 +47,14 @@ MIN_AGREEMENT = 0.5
 class ExportError(TuneforgeError):
     """The export could not be made: an unsupported model or method, a builder failure, a missing runtime."""
 
+    kind = "export"
     exit_code = 1
 
 
 class GateFailed(ExportError):
     """The export was built but is not the trained model: an equivalence gate failed (exit code 3)."""
 
+    kind = "gate_failed"
     exit_code = 3
 
     def __init__(self, message: str, record: dict | None = None):

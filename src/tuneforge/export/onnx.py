@@ -265,10 +265,10 @@ def check_args(precision: str, max_new_tokens: int, prompts: int, tolerance: flo
 def load_run(run: Path):
     """The finished run's spec and model (PyTorch, adapter applied) for export."""
     from tuneforge.inference import load, require_finished_run
-    from tuneforge.spec import load_spec
+    from tuneforge.training.run_dir import RunDir
 
     require_finished_run(run)
-    spec = load_spec(run / "spec.yaml")
+    spec = RunDir(run).read_spec()
     if spec.method == "prompt_tuning":
         raise ExportError("prompt tuning learns virtual input tokens, which ONNX Runtime GenAI and llama.cpp cannot "
                           f"take; export a LoRA, DoRA, IA3 or full fine-tune (or serve {run} with tuneforge)")

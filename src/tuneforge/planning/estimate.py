@@ -78,11 +78,6 @@ class ParamCounts:
         return asdict(self)
 
 
-def _output_head(model):
-    head = model.get_output_embeddings()
-    return head if isinstance(head, torch.nn.Linear) else None
-
-
 def count_params(config, method: str, adapter) -> ParamCounts:
     """Exact parameter counts of `method` applied to the model of `config` (peft on the meta device)."""
     from peft import get_peft_model
@@ -92,7 +87,8 @@ def count_params(config, method: str, adapter) -> ParamCounts:
     if method not in METHODS:
         raise SpecError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     model = meta_model(config)
-    head = _output_head(model)
+    head = model.get_output_embeddings()  # kept in full precision by QLoRA, as every other method
+    head = head if isinstance(head, torch.nn.Linear) else None
     head_ids = {id(head.weight)} if head is not None else set()
     seen: set[int] = set()
     quantizable = base_total = 0

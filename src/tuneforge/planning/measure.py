@@ -1,20 +1,17 @@
-"""Measure a real run: `tuneforge train` in a fresh process (peak RSS is per process, so a run measured
-in-process would inherit its caller's resident set), read back its summary and per-step times."""
+"""Measure a real run: trained in a fresh process by the training entry (peak RSS is per process, so a run
+measured in-process would inherit its caller's resident set), its summary and per-step times read back."""
 from __future__ import annotations
 
 import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.training.events import summary_in_output
+from tuneforge.training.run_dir import RunDir
 
 WORDS = ("the order parcel arrived late and the customer asked for a refund while support checked the tracking "
          "number warehouse invoice delivery address payment card account password reset shipping label return "
@@ -41,8 +38,8 @@ class Measured:
 
 def step_times(run_dir: Path) -> list[float]:
     """Per-step wall times from metrics.jsonl (each row's tokens_per_second is cumulative over the session)."""
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return _diff_times(rows, json.loads((run_dir / "summary.json").read_text()))
+    run = RunDir(run_dir)
+    return _diff_times(run.read_metrics(), run.read_summary() or {})
 
 
 def _diff_times(rows: list[dict], summary: dict) -> list[float]:
@@ -51,25 +48,23 @@ def _diff_times(rows: list[dict], summary: dict) -> list[float]:
     return [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)]
 
 
-def measure_run(spec: dict, run_dir: Path, *, threads: int | None = None, timeout: float = 1800,
-                extra_args: tuple[str, ...] = ()) -> Measured:
-    """Train `spec` (a dict; output_dir is set to `run_dir`) in a child process and measure it."""
+def measure_run(spec: dict, run_dir: Path, *, threads: int | None = None, timeout: float = 1800) -> Measured:
+    """Train `spec` (a dict; output_dir is set to `run_dir`, replacing an earlier run there) in a process of its own
+    (the training entry: peak RSS is per process, and several ranks are launched from there) and measure it."""
+    from tuneforge.spec import build_spec
+    from tuneforge.training.entry import TrainingProcess
+
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    spec = {**spec, "output_dir": str(run_dir)}
-    spec_path = run_dir.parent / f"{run_dir.name}.yaml"
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    job = build_spec({**spec, "output_dir": str(run_dir)})
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "tuneforge.cli", "train", str(spec_path), "--quiet", "--json", "--overwrite",
-           *extra_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise TuneforgeError(f"measured run {run_dir.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
-    parsed = summary_in_output(proc.stdout)
-    if parsed is None:
-        raise TuneforgeError(f"measured run {run_dir.name} printed no summary: {proc.stdout.strip()[-300:]!r}")
+    child = TrainingProcess(job, overwrite=True, env=env, capture=True)
+    try:
+        parsed = child.wait(timeout=timeout)
+    except TuneforgeError as e:
+        raise TuneforgeError(f"measured run {run_dir.name} failed: {str(e)[-800:]}") from None
     summary = parsed.model_dump(mode="json")
     times = step_times(run_dir)
     later = times[1:] or times

@@ -100,19 +100,22 @@ def run_shape(spec, method: str, device: torch.device, rows: int, seq_len: int) 
     """The RunShape of `spec` trained with `method` (the engine's own defaults resolved as the recipe does)."""
     from tuneforge.hardware import resolve_base_dtype, resolve_precision
     from tuneforge.training.kernels import resolve_kernels
+    from tuneforge.training.recipe import model_settings
 
+    spec = spec.model_copy(update={"method": method})
     t = spec.training
     autocast = resolve_precision(t.precision, device)
     base = resolve_base_dtype(t.base_dtype, method, autocast)
-    gc = method == "qlora" if t.gradient_checkpointing is None else t.gradient_checkpointing
+    settings = model_settings(spec)  # what the recipe's prepare_model is given
     kernels = resolve_kernels(t.kernels.model_dump(), device, method, spec.adapter.dropout)
     tm = spec.adapter.target_modules
     return RunShape(method=method, r=spec.adapter.r, alpha=spec.adapter.alpha, dropout=spec.adapter.dropout,
                     target_modules=tm if isinstance(tm, str) else tuple(tm),
                     num_virtual_tokens=spec.adapter.num_virtual_tokens, kernels=tuple(sorted(kernels.as_dict().items())),
                     autocast=str(autocast or torch.float32).removeprefix("torch."),
-                    base_dtype=str(base).removeprefix("torch."), gradient_checkpointing=gc,
-                    checkpoint_every=t.checkpoint_every, packing=t.packing,
+                    base_dtype=str(base).removeprefix("torch."),
+                    gradient_checkpointing=settings["gradient_checkpointing"],
+                    checkpoint_every=settings["checkpoint_every"], packing=settings["packing"],
                     document_len=min(t.max_seq_len, seq_len) if t.packing else 0, rows=rows, seq_len=seq_len,
                     optimizer=t.optimizer, device="cpu")
 

@@ -4,8 +4,8 @@ Activation memory depends on everything the engine does in forward and backward 
 chunked loss, the fused RMSNorm and LoRA nodes, byte-mask dropout, DoRA's weight norm, QLoRA's 4-bit
 layers, gradient checkpointing, packing), and hand-written formulas drift from it with every change. So the
 planner runs the engine itself: the model's config cut to 1 and to `timing_layers` decoder layers at full
-width, random weights, built with the recipe's own steps (apply_method, install_kernels), training steps of
-the run's micro-batch shape with the run's optimizer, in a child process of its own. Per cut it records
+width, random weights, built with the recipe's own `prepare_model`, training steps of the run's micro-batch shape made of the
+recipe's own `forward_backward` and `optimizer_step`, with the run's optimizer, in a child process of its own. Per cut it records
 - the live-tensor peak of a steady-state step (optimizer state already allocated): `LiveBytes`, the same
   bookkeeping as torch's MemTracker (every storage an op creates, until it is freed);
 - the bytes autograd saves for backward (saved-tensor hooks): the activations;
@@ -146,13 +146,13 @@ def _reset_rss_high_water_mark() -> None:
 
 
 def build_probe_model(config, shape: RunShape, layers: int):
-    """The run's model (recipe.build_model's steps) on a `layers`-layer cut of `config`, random weights."""
+    """The run's model on a `layers`-layer cut of `config`, random weights: the recipe's own `prepare_model` on
+    a base built from the config (NF4 linear layers for QLoRA, as a pre-quantised checkpoint loads)."""
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.methods.peft_builders import apply_method
-    from tuneforge.models.attention import use_packed_attention
     from tuneforge.spec import AdapterSpec
-    from tuneforge.training.kernels import Kernels, install_kernels
+    from tuneforge.training.kernels import Kernels
+    from tuneforge.training.recipe import prepare_model
 
     cfg = with_layers(config, layers)
     cfg.use_cache = False
@@ -161,21 +161,14 @@ def build_probe_model(config, shape: RunShape, layers: int):
     model = AutoModelForCausalLM.from_config(cfg, dtype=base_dtype)
     model.config.use_cache = False
     kernels = Kernels(**dict(shape.kernels))
-    install_kernels(model, kernels, before_peft=True)
     if shape.method == "qlora":
         head = model.get_output_embeddings()
         _quantize_linears(model, head, torch.bfloat16 if base_dtype == torch.bfloat16 else torch.float32)
-    if shape.packing:
-        use_packed_attention(model)
     targets = shape.target_modules if isinstance(shape.target_modules, str) else list(shape.target_modules)
     adapter = AdapterSpec(r=shape.r, alpha=shape.alpha, dropout=shape.dropout, target_modules=targets,
                           num_virtual_tokens=shape.num_virtual_tokens)
-    model = apply_method(model, shape.method, adapter, gradient_checkpointing=shape.gradient_checkpointing,
-                         checkpoint_every=shape.checkpoint_every)
-    install_kernels(model, kernels, before_peft=False)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    model = prepare_model(model, method=shape.method, adapter=adapter, kernels=kernels, packing=shape.packing,
+                          gradient_checkpointing=shape.gradient_checkpointing, checkpoint_every=shape.checkpoint_every)
     model.train()
     return model, kernels
 
@@ -239,30 +232,28 @@ class LiveBytes(TorchDispatchMode):
 def probe_point(config, shape: RunShape, layers: int, rows: int, seq_len: int, repeats: int = 1) -> ProbePoint:
     """Build the cut model, run a warm-up step, then steps until the resident set settles (at least `repeats`;
     the best is the step time), then track one step's memory."""
-    from tuneforge.hardware import autocast
+    from tuneforge.distributed import ForwardLoss, SingleDevice
+    from tuneforge.hardware import grad_scaler
+    from tuneforge.training import recipe
     from tuneforge.training.loss import count_targets, loss_fn_for, output_head
-    from tuneforge.training.recipe import build_optimizer
 
     device = torch.device(shape.device)
     release_free_memory()
     model, kernels = build_probe_model(config, shape, layers)
     chunked = kernels.loss == "chunked" and output_head(model) is not None
-    loss_fn = loss_fn_for(model, chunked=chunked)
+    forward = ForwardLoss(model, loss_fn_for(model, chunked=chunked))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, shape.optimizer, 1e-4, 0.0)
+    optimizer = recipe.build_optimizer(params, shape.optimizer, 1e-4, 0.0)
     ac = None if shape.autocast == "float32" else getattr(torch, shape.autocast)
+    one, scaler = SingleDevice(device), grad_scaler(device, ac)
     generator = torch.Generator().manual_seed(0)
 
-    def forward_backward(length: int = seq_len):  # a fresh batch each step, as in a run
+    def forward_backward(length: int = seq_len):  # a fresh batch each step, as in a run: the recipe's own step
         batch = _batch(config.vocab_size, rows, length, shape.packing, generator, shape.document_len)
-        with autocast(device, ac):
-            loss, _ = loss_fn(batch)
-        (loss / count_targets(batch["labels"])).backward()
+        recipe.forward_backward(forward, [batch], count_targets(batch["labels"]), one, scaler, device, ac)
 
     def optimizer_step():
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        recipe.optimizer_step(optimizer, params, one, scaler, None, 1.0)
 
     release_free_memory()
     rss_before = _rss_bytes()

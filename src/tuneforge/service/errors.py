@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from tuneforge.errors import DataError, ModelError, OutputError, SpecError, TuneforgeError
+
 
 class ErrorObject(BaseModel):
     message: str = Field(description="What went wrong and what to do about it.")
@@ -69,8 +71,9 @@ def without_server_paths(text: str, known: dict[str, str] | None = None) -> str:
     return _SERVER_PATH.sub("<server path>", text)
 
 
-class APIError(Exception):
-    """An error answered to the client. Subclasses fix status and type; the message says what to do."""
+class APIError(TuneforgeError):
+    """An error answered to the client: part of tuneforge's one error hierarchy, with the HTTP status and
+    OpenAI's error type it is answered with. The message says what to do."""
 
     status = 400
     type = "invalid_request_error"
@@ -84,8 +87,13 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class InvalidRequest(APIError):
-    status = 400
+# The statuses the API answers with (their meanings: ERROR_STATUSES above).
+class InvalidRequest(APIError): status = 400  # noqa: E701
+class Conflict(APIError): status = 409  # noqa: E701
+class TooLarge(APIError): status = 413  # noqa: E701
+class Unprocessable(APIError): status = 422  # noqa: E701
+class TooManyRequests(APIError): status, type = 429, "rate_limit_error"  # noqa: E701
+class ServerError(APIError): status, type = 500, "server_error"  # noqa: E701
 
 
 class Unauthorized(APIError):
@@ -103,26 +111,16 @@ class NotFound(APIError):
         super().__init__(f"No such {kind}: {ident}", param=param, code="not_found")
 
 
-class Conflict(APIError):
-    status = 409
+# A job that failed: the engine's error type decides OpenAI's `error.code` and `error.param`.
+JOB_ERRORS = ((DataError, "invalid_training_file", "training_file"), (SpecError, "invalid_job_spec", None),
+              (ModelError, "model_error", "model"), (OutputError, "storage_error", None))
 
 
-class TooLarge(APIError):
-    status = 413
-
-
-class Unprocessable(APIError):
-    status = 422
-
-
-class TooManyRequests(APIError):
-    status = 429
-    type = "rate_limit_error"
-
-
-class ServerError(APIError):
-    status = 500
-    type = "server_error"
+def job_error(error: TuneforgeError) -> dict:
+    """A failed job's `error` object ({code, param, message}) for the error its training ended with."""
+    code, param = next(((code, param) for kind, code, param in JOB_ERRORS if isinstance(error, kind)),
+                       ("training_failed", None))
+    return {"code": code, "param": param, "message": str(error)}
 
 
 # pydantic names the branch of a union that failed inside `loc` ("n_epochs.literal['auto']", "stop.list[str]",

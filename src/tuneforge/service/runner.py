@@ -10,13 +10,14 @@ It also checks, about once a second, that its worker still holds the job: a work
 a stalled machine) may have lost the job to another, and two attempts must never write one run folder,
 so the attempt then exits at once, writing nothing more.
 
-Exit status: 0 trained to the end (result.json written), 3 stopped on request, 1 the job cannot run as
-specified (error.json: code, message, param), 2 an unexpected error (a bug: the traceback is in the log),
-4 the job was taken over by another worker.
+It reports to its worker as the training entry does (training/entry.py): `result.json` in the job's folder
+holds {"summary": ...} or {"error": an error record}, read back as the error's own type.
+Exit status: 0 trained to the end, 3 stopped on request, 1 the job cannot run as specified (the error in
+result.json), 2 an unexpected error (a bug: the traceback is in the log), 4 the job was taken over by another
+worker.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -28,11 +29,21 @@ from tuneforge.service.context import ServiceContext
 from tuneforge.service.jobs.service import add_event, ft_model_name, new_id
 from tuneforge.service.settings import ServiceSettings
 from tuneforge.service.storage.store import now
+from tuneforge.training.entry import RESULT, write_result
 from tuneforge.training.events import RunEvent
+from tuneforge.training.run_dir import EVAL_ACCURACY, EVAL_LOSS, TRAIN_ACCURACY, TRAIN_LOSS, RunDir
 
 EXIT_OK, EXIT_FAILED, EXIT_CRASHED, EXIT_STOPPED, EXIT_LOST = 0, 1, 2, 3, 4
 ESTIMATE_EVERY_SECONDS = 2.0
 OWNER_CHECK_SECONDS = 1.0
+# The engine's step metrics under the names OpenAI's metrics events and checkpoints use.
+OPENAI_METRICS = {TRAIN_LOSS: "train_loss", TRAIN_ACCURACY: "train_mean_token_accuracy", EVAL_LOSS: "valid_loss",
+                  EVAL_ACCURACY: "valid_mean_token_accuracy"}
+
+
+def openai_metrics(record: dict) -> dict:
+    """A step's metrics (a `step` event's data, a metrics.jsonl row) as OpenAI names them; absent ones are None."""
+    return {"step": record["step"], **{name: record.get(ours) for ours, name in OPENAI_METRICS.items()}}
 
 
 def job_dir(ctx: ServiceContext, job_id: str) -> Path:
@@ -91,13 +102,11 @@ class JobEvents:
 
     def _step(self, e: RunEvent) -> None:
         d = e.data
-        data = {"step": e.step, "train_loss": d["train_loss"], "train_mean_token_accuracy": d.get("train_token_accuracy"),
-                "valid_loss": d.get("eval_loss"), "valid_mean_token_accuracy": d.get("eval_token_accuracy"),
-                "total_steps": e.total_steps}
+        data = {**openai_metrics({**d, "step": e.step}), "total_steps": e.total_steps}
         self.metrics[e.step] = data
-        message = f"Step {e.step}/{e.total_steps}: training loss={d['train_loss']:.4f}"
-        if d.get("eval_loss") is not None:
-            message += f", validation loss={d['eval_loss']:.4f}"
+        message = f"Step {e.step}/{e.total_steps}: training loss={d[TRAIN_LOSS]:.4f}"
+        if d.get(EVAL_LOSS) is not None:
+            message += f", validation loss={d[EVAL_LOSS]:.4f}"
         add_event(self.ctx, self.job["id"], message, type="metrics", data=data, dedup=f"step:{e.step}")
         if self.first_step is None:
             self.first_step, self.started = e.step, time.time()
@@ -109,7 +118,7 @@ class JobEvents:
     def _checkpoint(self, e: RunEvent) -> None:
         job_id, step = self.job["id"], e.step
         self._record_checkpoint(step, self.metrics.get(step, {"step": step}))
-        self.reconcile(Path(e.data["path"]).parent.parent, sweep=False)
+        self.reconcile(RunDir(self.spec.output_dir), sweep=False)
         self.ctx.store.update_job(job_id, step=step, attempts=0)  # progress: a crash from here costs no attempt
 
     def _record_checkpoint(self, step: int, metrics: dict) -> None:
@@ -121,37 +130,23 @@ class JobEvents:
                                          "model_name": f"{self.model_name}:ckpt-step-{step}"})
         add_event(self.ctx, job_id, f"Checkpoint created at step {step}", dedup=f"checkpoint:{step}")
 
-    def reconcile(self, run: Path, *, sweep: bool = True) -> None:
+    def reconcile(self, run: RunDir, *, sweep: bool = True) -> None:
         """Make the job's checkpoint rows what the run folder holds. A kill between a checkpoint's rename into
         place and its event leaves a checkpoint without a row (and, mid-prune, a `.tmp-delete-*` folder): the
         next attempt calls this before it trains, and every attempt after it trains."""
-        from tuneforge.training.checkpoint import list_checkpoints, sweep_leftovers
+        from tuneforge.training.checkpoint import sweep_leftovers
 
         if sweep:
-            sweep_leftovers(run)
-        on_disk = [int(p.name.split("-")[1]) for p in list_checkpoints(run)]
-        logged = _logged_metrics(run / "metrics.jsonl", set(on_disk) - set(self.metrics))
+            sweep_leftovers(run.path)
+        on_disk = [c.step for c in run.checkpoints()]
+        logged: dict[int, dict] = {}  # what a killed attempt logged (a step's rows merged: train, then validation)
+        for row in run.read_metrics():
+            if row["step"] in set(on_disk) - set(self.metrics):
+                merged = logged.setdefault(row["step"], openai_metrics(row))
+                merged.update({k: v for k, v in openai_metrics(row).items() if v is not None})
         for step in on_disk:
             self._record_checkpoint(step, self.metrics.get(step) or logged.get(step) or {"step": step})
         self.ctx.store.keep_checkpoints(self.job["id"], on_disk)
-
-
-def _logged_metrics(path: Path, steps: set[int]) -> dict[int, dict]:
-    """The metrics event fields of `steps`, from the run's metrics.jsonl (what a killed attempt logged)."""
-    found: dict[int, dict] = {}
-    if not steps or not path.is_file():
-        return found
-    names = {"train_loss": "train_loss", "train_token_accuracy": "train_mean_token_accuracy",
-             "eval_loss": "valid_loss", "eval_token_accuracy": "valid_mean_token_accuracy"}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("step") in steps:
-            row = found.setdefault(record["step"], {"step": record["step"], **{v: None for v in names.values()}})
-            row.update({names[k]: v for k, v in record.items() if k in names})
-    return found
 
 
 def free_port() -> int:
@@ -163,18 +158,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_json(path: Path, data: dict) -> None:
-    from tuneforge.files import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=1))
-
-
 def run(job_id: str, worker_id: str | None = None) -> int:
     from tuneforge import api
     from tuneforge.errors import Stopped, TuneforgeError
     from tuneforge.spec import JobSpec
     from tuneforge.training.allocator import return_big_buffers_to_os, returns_big_buffers
-    from tuneforge.training.checkpoint import latest_checkpoint
     from tuneforge.training.events import StopRequest
 
     settings = ServiceSettings.from_env()
@@ -182,8 +170,7 @@ def run(job_id: str, worker_id: str | None = None) -> int:
     job = ctx.store.get_job(job_id)
     folder = job_dir(ctx, job_id)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in ("error.json", "result.json"):  # what an earlier attempt left
-        (folder / stale).unlink(missing_ok=True)
+    (folder / RESULT).unlink(missing_ok=True)  # what an earlier attempt left
     stop = StopRequest()
     events = None
 
@@ -209,20 +196,22 @@ def run(job_id: str, worker_id: str | None = None) -> int:
             return_big_buffers_to_os()  # process-wide: this process is this job's alone
         org = ctx.store.get_org(job["org_id"])
         events = JobEvents(ctx, job, ft_model_name(job["model"], org["name"], job["suffix"], job_id), spec, worker_id)
-        resume = latest_checkpoint(Path(spec.output_dir)) is not None
+        run = RunDir(spec.output_dir)
+        resume = run.latest_checkpoint() is not None
         if resume:
-            events.reconcile(Path(spec.output_dir))
+            events.reconcile(run)
         summary = api.train(spec, resume=resume, on_event=events, stop=stop, progress=False)
-        events.reconcile(Path(spec.output_dir))
+        events.reconcile(run)
     except (KeyboardInterrupt, Stopped):  # stopped before training began, or outside a step (nothing to save)
         return EXIT_STOPPED
-    except TuneforgeError as e:
-        problems = [{**p.as_dict(), "source": None} for p in e.problems]
+    except TuneforgeError as e:  # said to the job's owner: no server paths, problems without our file names
         spec = JobSpec.model_validate(job["spec"])
-        write_json(folder / "error.json", {"code": type(e).__name__, "message": public_text(str(e), job, spec),
-                                           "problems": problems})
+        record = e.to_record()
+        record.update(message=public_text(record["message"], job, spec),
+                      problems=[{**p, "source": None} for p in record["problems"]])
+        write_result(folder, {"error": record})
         return EXIT_FAILED
-    write_json(folder / "result.json", summary.model_dump(mode="json"))
+    write_result(folder, {"summary": summary.model_dump(mode="json")})
     return EXIT_OK if summary.status == "succeeded" else EXIT_STOPPED
 
 

@@ -34,7 +34,7 @@ GRACEFUL, IMMEDIATE = signal.SIGTERM, signal.SIGUSR1  # what a worker is sent fo
 
 
 def start_workers(settings: ServiceSettings, n: int) -> list[subprocess.Popen]:
-    from tuneforge.service.worker import die_with_parent
+    from tuneforge.process import die_with_parent
 
     env = {**os.environ, **settings.to_env()}
     return [subprocess.Popen([sys.executable, "-m", "tuneforge.service.worker"], env=env,

@@ -13,9 +13,7 @@ Survival rules:
 from __future__ import annotations
 
 import csv
-import ctypes
 import io
-import json
 import logging
 import os
 import secrets
@@ -26,46 +24,29 @@ import sys
 import time
 from pathlib import Path
 
+from tuneforge.errors import TuneforgeError, error_from_record
+from tuneforge.process import die_with_parent
+from tuneforge.service.errors import job_error
 from tuneforge.service.context import ServiceContext
 from tuneforge.service.jobs.service import add_event, event, ft_model_name, validate_files
-from tuneforge.service.runner import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, job_dir
+from tuneforge.service.runner import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, job_dir, openai_metrics
 from tuneforge.service.settings import ServiceSettings
 from tuneforge.service.storage.store import now
+from tuneforge.training.entry import read_result
+from tuneforge.training.run_dir import RunDir
 
 log = logging.getLogger("tuneforge.service.worker")
-PR_SET_PDEATHSIG = 1
 VALIDATION_GRACE_SECONDS = 60
-ERROR_CODES = {"DataError": ("invalid_training_file", "training_file"), "SpecError": ("invalid_job_spec", None),
-               "ModelError": ("model_error", "model"), "OutputError": ("storage_error", None)}
-
-
-def die_with_parent(parent: int | None = None):
-    """A preexec_fn: the kernel sends SIGKILL to this child when its parent dies (Linux), so no training
-    outlives the worker that holds its job. Call it in the parent (`preexec_fn=die_with_parent()`): the
-    child then also exits at once if the parent died before the request was registered."""
-    parent = parent or os.getpid()
-
-    def preexec() -> None:
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except OSError:
-            pass
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
-
-def results_csv(run: Path) -> bytes:
-    """OpenAI's results file: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy."""
-    from tuneforge.training.metrics import read_metrics
-
+def results_csv(run: RunDir) -> bytes:
+    """OpenAI's results file: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy (its one
+    name that differs from the metrics events': train_accuracy)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
-    for r in read_metrics(run):
-        writer.writerow([r["step"], r.get("train_loss", ""), r.get("train_token_accuracy", ""),
-                         r.get("eval_loss", ""), r.get("eval_token_accuracy", "")])
+    for r in run.read_metrics():
+        m = openai_metrics(r)
+        writer.writerow(["" if m[k] is None else m[k] for k in ("step", "train_loss", "train_mean_token_accuracy",
+                                                                "valid_loss", "valid_mean_token_accuracy")])
     return out.getvalue().encode()
 
 
@@ -203,11 +184,11 @@ class Worker:
         from tuneforge.service.files.service import add_result_file
 
         job_id, store = job["id"], self.ctx.store
-        summary = json.loads((folder / "result.json").read_text())
+        summary = read_result(folder)["summary"]
         org = store.get_org(job["org_id"])
         name = ft_model_name(job["model"], org["name"], job["suffix"], job_id)
         results = add_result_file(self.ctx, job["org_id"], job_id, "step_metrics.csv",
-                                  results_csv(Path(summary["output_dir"])))
+                                  results_csv(RunDir(summary["output_dir"])))
         store.insert_model({"id": name, "org_id": job["org_id"], "job_id": job_id, "base": job["model"],
                             "created_at": now()})
         add_event(self.ctx, job_id, f"New fine-tuned model created: {name}", dedup="model-created")
@@ -217,14 +198,12 @@ class Worker:
                              event=event(job_id, "The job has successfully completed", dedup="succeeded"))
 
     def _failed(self, job_id: str, folder: Path) -> None:
-        try:
-            err = json.loads((folder / "error.json").read_text())
-        except (OSError, ValueError):
-            err = {"code": "Error", "message": "training failed (no error report)", "problems": []}
-        code, param = ERROR_CODES.get(err["code"], ("training_failed", None))
-        error = {"code": code, "param": param, "message": err["message"]}
+        result = read_result(folder) or {}
+        err = (error_from_record(result["error"]) if "error" in result
+               else TuneforgeError("training failed (no error report)"))
+        error = job_error(err)
         self.ctx.store.finish_attempt(job_id, self.id, "failed", error=error, finished_at=now(), estimated_finish=None,
-                                      event=event(job_id, err["message"], level="error", dedup="failed"))
+                                      event=event(job_id, error["message"], level="error", dedup="failed"))
 
 
 def main() -> int:

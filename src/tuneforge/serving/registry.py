@@ -22,6 +22,7 @@ from tuneforge.errors import ModelError
 from tuneforge.serving.adapters import AdapterSet, AdapterSource
 from tuneforge.serving.engine import BatchEngine
 from tuneforge.serving.onnx_engine import OnnxEngine, is_export, read_export, served_names
+from tuneforge.training.run_dir import RunDir
 
 MIXABLE = ("lora", "qlora")
 
@@ -73,32 +74,31 @@ def run_target(run: Path, name: str, export_adapter: str | None = None) -> Targe
     (`export_adapter`: which adapter of an adapters export)."""
     from tuneforge.files import owner_of
     from tuneforge.models import resolve_model
-    from tuneforge.spec import load_spec
 
-    run = Path(run)
-    if is_export(run):
-        return onnx_target(run, export_adapter)
-    if owner_of(run) == "merge" or ((run / "config.json").is_file() and not (run / "spec.yaml").is_file()):
-        return Target(("own", str(run)), run)
-    if (run / "adapter_config.json").is_file():  # a plain peft adapter folder, from any trainer
-        return _peft_folder_target(run, name)
-    if not (run / "spec.yaml").is_file():
-        raise ModelError(f"{run} is neither a run folder nor a model folder")
-    spec = load_spec(run / "spec.yaml")
+    folder = Path(run)
+    run = RunDir(folder)
+    if is_export(folder):
+        return onnx_target(folder, export_adapter)
+    if owner_of(folder) == "merge" or ((folder / "config.json").is_file() and not run.is_run):
+        return Target(("own", str(folder)), folder)
+    if (folder / "adapter_config.json").is_file():  # a plain peft adapter folder, from any trainer
+        return _peft_folder_target(folder, name)
+    if not run.is_run:
+        raise ModelError(f"{folder} is neither a run folder nor a model folder")
+    spec = run.read_spec()
+    output = run.output(spec.method)
+    if not output.is_dir():
+        raise ModelError(f"{folder}: the run has not finished (no {output.name}/)")
     if spec.method == "full":
-        if not (run / "model").is_dir():
-            raise ModelError(f"{run}: the run has not finished (no model/)")
-        return Target(("own", str(run / "model")), run / "model")
-    if not (run / "adapter").is_dir():
-        raise ModelError(f"{run}: the run has not finished (no adapter/)")
+        return Target(("own", str(output)), output)
     if spec.method == "prompt_tuning":
         raise ModelError(f"{name}: prompt-tuning adapters are not served (their virtual tokens cannot share a "
                          "batch's KV cache); use `tuneforge generate`, or fine-tune with lora")
     base = resolve_model(spec.model)
     if spec.method in MIXABLE:
-        return Target(("base", str(base)), base, adapter=name, source=AdapterSource(folder=run / "adapter"),
-                      tokenizer_dir=run / "adapter")
-    return Target(("merged", str(run)), base, tokenizer_dir=run / "adapter", merge_adapter=run / "adapter")
+        return Target(("base", str(base)), base, adapter=name, source=AdapterSource(folder=output),
+                      tokenizer_dir=output)
+    return Target(("merged", str(folder)), base, tokenizer_dir=output, merge_adapter=output)
 
 
 def _peft_folder_target(folder: Path, name: str) -> Target:
@@ -127,14 +127,13 @@ def checkpoint_target(run: Path, step: int, name: str) -> Target:
     """Target for a training checkpoint of a LoRA/QLoRA run (its trainable weights + the run's peft config)."""
     from tuneforge.methods.peft_builders import build_peft_config
     from tuneforge.models import resolve_model
-    from tuneforge.spec import load_spec
-    from tuneforge.training.checkpoint import list_checkpoints
 
-    spec = load_spec(run / "spec.yaml")
+    run_dir = RunDir(run)
+    spec = run_dir.read_spec()
     if spec.method not in MIXABLE:
         raise ModelError(f"{name}: checkpoints of {spec.method} runs are not served; serve the finished model")
-    path = next((p for p in list_checkpoints(run) if int(p.name.split("-")[1]) == step), None)
-    if path is None:
+    found = run_dir.checkpoint_at(step)
+    if found is None:
         raise ModelError(f"{name}: checkpoint step {step} is no longer on disk")
     base = resolve_model(spec.model)
     import json
@@ -144,7 +143,7 @@ def checkpoint_target(run: Path, step: int, name: str) -> Target:
     config = build_peft_config("lora", model_type, r=a.r, alpha=a.alpha, dropout=0.0, target_modules=a.target_modules)
     config.inference_mode = True
     return Target(("base", str(base)), base, adapter=name,
-                  source=AdapterSource(weights=path / "trainable.safetensors", config=config))
+                  source=AdapterSource(weights=found.weights, config=config))
 
 
 class ModelServer:

@@ -4,7 +4,6 @@ service stores them as job events.
 """
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -145,15 +144,3 @@ class ConsoleProgress:
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
-
-
-def summary_in_output(stdout: str) -> RunSummary | None:
-    """The summary `tuneforge train --json` printed (the last one in `stdout`): libraries (DeepSpeed, the
-    launcher) may print lines before and after it. None when there is none."""
-    start = stdout.rfind('{\n  "status"')
-    if start < 0:
-        return None
-    try:
-        return RunSummary.model_validate(json.JSONDecoder().raw_decode(stdout, start)[0])
-    except ValueError:  # not JSON, or not a summary (pydantic's ValidationError is a ValueError)
-        return None

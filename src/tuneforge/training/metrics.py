@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tuneforge.files import atomic_write_text
+from tuneforge.training.run_dir import EVAL_LOSS, TRAIN_LOSS, RunDir, parse_metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +30,6 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux and BSDs KiB
 
 
-def _parse_lines(text: str) -> tuple[list[dict], int]:
-    """(records, number of unreadable lines): a crash mid-write can leave a torn last line."""
-    rows, torn = [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            torn += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-        else:
-            torn += 1
-    return rows, torn
-
-
 class MetricsLogger:
     """Appends JSON lines and mirrors scalars to TensorBoard (if installed).
 
@@ -54,10 +37,11 @@ class MetricsLogger:
     drops unreadable ones; `repaired` says how many were dropped."""
 
     def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        run = RunDir(run_dir)
+        self.path = run.metrics
         self.repaired = 0
         if resume_step and self.path.exists():
-            rows, self.repaired = _parse_lines(self.path.read_text(encoding="utf-8", errors="replace"))
+            rows, self.repaired = parse_metrics(self.path.read_text(encoding="utf-8", errors="replace"))
             kept = [r for r in rows if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
@@ -68,7 +52,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None)
+                self._tb = SummaryWriter(str(run.tensorboard), purge_step=resume_step or None)
             except ImportError:
                 log.info("tensorboard not installed; metrics go to metrics.jsonl only")
 
@@ -87,14 +71,10 @@ class MetricsLogger:
             self._tb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return _parse_lines(path.read_text(encoding="utf-8", errors="replace"))[0] if path.exists() else []
-
-
 def plot_loss_curve(run_dir: Path) -> Path | None:
     """Write `loss_curve.png` (train and validation loss against step)."""
-    rows = read_metrics(run_dir)
+    run = RunDir(run_dir)
+    rows = run.read_metrics()
     if not rows:
         return None
     import matplotlib
@@ -103,8 +83,8 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train = [(r["step"], r[TRAIN_LOSS]) for r in rows if TRAIN_LOSS in r]
+    evals = [(r["step"], r[EVAL_LOSS]) for r in rows if EVAL_LOSS in r]
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
@@ -114,7 +94,7 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(run_dir) / "loss_curve.png"
+    out = run.loss_curve
     fig.savefig(out)
     plt.close(fig)
     return out

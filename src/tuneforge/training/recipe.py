@@ -1,4 +1,4 @@
-"""The training recipe: check -> setup -> train -> save. One file, read top to bottom.
+"""The training recipe: check -> setup -> train -> save. One class, read top to bottom.
 
 Features and their cost:
 - Methods through peft: LoRA, DoRA, QLoRA (base linear weights stored as NF4 by bitsandbytes),
@@ -17,10 +17,14 @@ Features and their cost:
   deleted; `overwrite=True` then removes only what an earlier run wrote (files.py).
 - No printing: progress, metrics and warnings go to `on_event` (the CLI draws a bar from them);
   a `StopRequest` is polled at every step boundary.
+- Several processes (DDP, ZeRO 1-3, DeepSpeed): whatever depends on the rank (wrapping, sharded optimizer
+  state, reductions, checkpoint files) is the `Strategy`'s; the loop is the same for one process and for N.
+
+The planner's probe (planning/probe.py) builds its model with `prepare_model` and times `forward_backward` and
+`optimizer_step`, the functions a step of this recipe is made of: a change here changes the prediction with it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -48,6 +52,7 @@ from tuneforge.training.events import EventHandler, RunEvent, RunSummary, StopRe
 from tuneforge.training.kernels import Kernels, effective_dropout, install_kernels, resolve_kernels
 from tuneforge.training.loss import count_targets, dataset_loss, loss_fn_for, output_head
 from tuneforge.training.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
+from tuneforge.training.run_dir import EVAL_ACCURACY, EVAL_LOSS, TRAIN_ACCURACY, TRAIN_LOSS, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ RESUMABLE_CHANGES = {f"training.{k}" for k in ("max_steps", "epochs", "eval_ever
     f"distributed.{k}" for k in ("node_rank", "master_addr", "master_port", "timeout_seconds")}
 
 
-# ---------------------------------------------------------------- setup helpers
+# ---------------------------------------------------------------- the model, and a step: shared with the planner
 
 
 def uses_gradient_checkpointing(spec: JobSpec) -> bool:
@@ -66,28 +71,44 @@ def uses_gradient_checkpointing(spec: JobSpec) -> bool:
     return spec.method == "qlora" if gc is None else gc
 
 
-def build_model(spec: JobSpec, model_path: Path, device: torch.device, base_dtype: torch.dtype,
-                kernels: Kernels | None = None):
-    """The base model with the method applied and the chosen kernels installed (training/kernels.py)."""
-    t = spec.training
-    kernels = kernels or resolve_kernels(t.kernels.model_dump(), device, spec.method, spec.adapter.dropout)
-    model = load_model(
-        model_path,
-        dtype=base_dtype,
-        load_in_4bit=spec.method == "qlora",
-        device=str(device),
-        trust_remote_code=spec.trust_remote_code,
-    )
-    model.config.use_cache = False  # no KV cache while training
-    install_kernels(model, kernels, before_peft=True)
-    if t.packing:
-        use_packed_attention(model)
-    model = apply_method(model, spec.method, spec.adapter, tokenizer_path=str(model_path),
-                         gradient_checkpointing=uses_gradient_checkpointing(spec), checkpoint_every=t.checkpoint_every)
+def model_settings(spec: JobSpec) -> dict:
+    """`prepare_model`'s settings from a spec (the planner's RunShape is filled from the same)."""
+    return {"method": spec.method, "adapter": spec.adapter, "packing": spec.training.packing,
+            "gradient_checkpointing": uses_gradient_checkpointing(spec),
+            "checkpoint_every": spec.training.checkpoint_every}
+
+
+def load_base(spec: JobSpec, model_path: Path, device: torch.device, base_dtype: torch.dtype):
+    """The base model, frozen weights in `base_dtype` (NF4 for QLoRA), no KV cache while training."""
+    model = load_model(model_path, dtype=base_dtype, load_in_4bit=spec.method == "qlora", device=str(device),
+                       trust_remote_code=spec.trust_remote_code)
+    model.config.use_cache = False
+    return model
+
+
+def prepare_model(base, *, method: str, adapter, kernels: Kernels, packing: bool, gradient_checkpointing: bool,
+                  checkpoint_every: int = 1, tokenizer_path: str | None = None):
+    """`base` with the chosen kernels installed (training/kernels.py), packed attention if asked, the method
+    applied (peft), and its trainable weights in fp32 (their optimizer state too). Used by the recipe on the
+    loaded base and by the planner's probe on a randomly initialised cut of it."""
+    install_kernels(base, kernels, before_peft=True)
+    if packing:
+        use_packed_attention(base)
+    model = apply_method(base, method, adapter, tokenizer_path=tokenizer_path,
+                         gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every)
     install_kernels(model, kernels, before_peft=False)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:  # fp32 trainable weights and optimizer state
             p.data = p.data.float()
+    return model
+
+
+def build_model(spec: JobSpec, model_path: Path, device: torch.device, base_dtype: torch.dtype,
+                kernels: Kernels | None = None):
+    """The run's model: its base loaded, then `prepare_model`."""
+    kernels = kernels or resolve_kernels(spec.training.kernels.model_dump(), device, spec.method, spec.adapter.dropout)
+    model = prepare_model(load_base(spec, model_path, device, base_dtype), kernels=kernels,
+                          tokenizer_path=str(model_path), **model_settings(spec))
     release_free_memory()  # the loading's freed buffers back to the OS before the steps allocate theirs
     return model
 
@@ -106,6 +127,42 @@ def build_scheduler(optimizer, name: str, warmup_ratio: float, schedule_steps: i
 
     return get_scheduler("constant_with_warmup" if name == "constant" else name, optimizer,
                          num_warmup_steps=round(warmup_ratio * schedule_steps), num_training_steps=schedule_steps)
+
+
+def forward_backward(forward, batches: list[dict], n_targets: float, strategy: Strategy, scaler, device: torch.device,
+                     autocast_dtype: torch.dtype | None) -> tuple[float, float]:
+    """Forward and backward over a step's micro-batches, each loss divided by the targets of the whole step
+    (`n_targets`, across ranks), so accumulating micro-batches equals one big batch. (loss sum, correct)."""
+    loss_sum = correct_sum = 0.0
+    for m, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with strategy.accumulate(forward, is_last=m == len(batches) - 1):
+            with autocast(device, autocast_dtype):
+                loss, correct = forward(batch)
+            # grad_scale undoes the wrappers' average over ranks (distributed/strategy.py)
+            scaled = loss if strategy.grad_scale == 1 else loss * strategy.grad_scale
+            strategy.backward(scaler.scale(scaled / n_targets))  # scale: identity unless fp16
+        loss_sum += loss.item()
+        correct_sum += correct.item()
+    return loss_sum, correct_sum
+
+
+def optimizer_step(optimizer, params: list, strategy: Strategy, scaler, scheduler, max_grad_norm: float | None):
+    """Clip (the true gradients: unscaled first), step (skipped when fp16 gradients overflowed), schedule, zero;
+    returns the gradient norm before clipping (None when not clipping)."""
+    scaler.unscale_(optimizer)
+    grad_norm = strategy.clip_grad_norm(params, max_grad_norm) if max_grad_norm else None
+    scaler.step(optimizer)
+    scaler.update()
+    if grad_norm is None and max_grad_norm:  # DeepSpeed clips inside its step
+        grad_norm = strategy.step_grad_norm()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ---------------------------------------------------------------- checks before anything is written
 
 
 def check_data_files(spec: JobSpec) -> list:
@@ -196,24 +253,24 @@ def plan_output(spec: JobSpec, resume: bool, overwrite: bool) -> OutputPlan:
     if resume and overwrite:
         raise SpecError("--resume continues the run in output_dir and --overwrite deletes it: pass one of them")
     out = files.expand(spec.output_dir)
+    run = RunDir(out)
     files.refuse_special(out, "output_dir")
     files.check_writable_folder(out, "output_dir")
     owner = files.owner_of(out) if out.is_dir() else None
     if owner == "merge":
         raise OutputError(f"output_dir: {out} holds a merged model made by `tuneforge merge`; choose another folder")
-    latest = ckpt.latest_checkpoint(out) if out.is_dir() else None
-    legacy_run = owner is None and out.is_dir() and (out / "spec.yaml").is_file() and (
-        latest is not None or (out / "summary.json").is_file())
+    latest = run.latest_checkpoint()
+    legacy_run = owner is None and run.is_run and (latest is not None or run.summary.is_file())
     if resume:
         if latest is None:
-            raise CheckpointError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start without --resume")
-        _check_same_run(spec, out)
-        return OutputPlan(out, resume=True, overwrite=False, finished=_finished_summary(out),
+            raise CheckpointError(f"--resume: no complete checkpoint in {run.checkpoints_root}; start without --resume")
+        _check_same_run(spec, run)
+        return OutputPlan(out, resume=True, overwrite=False, finished=_finished_summary(run),
                           checkpoint_state=ckpt.read_state(latest))
     if out.is_dir() and not files.is_empty_folder(out):
         if owner is None and not legacy_run:
             raise OutputError(files.not_ours_message(out, files.RUN_MARKER, "output_dir"))
-        has_run = latest is not None or (out / "summary.json").is_file()
+        has_run = latest is not None or run.summary.is_file()
         if overwrite and owner is None:
             raise OutputError(files.not_ours_message(out, files.RUN_MARKER, "output_dir"))
         if has_run and not overwrite:
@@ -221,36 +278,33 @@ def plan_output(spec: JobSpec, resume: bool, overwrite: bool) -> OutputPlan:
     return OutputPlan(out, resume=False, overwrite=overwrite and out.is_dir())
 
 
-def _check_same_run(spec: JobSpec, out: Path) -> None:
-    if not (out / "spec.yaml").exists():
+def _check_same_run(spec: JobSpec, run: RunDir) -> None:
+    if not run.spec.exists():
         return
     try:
-        saved = yaml.safe_load((out / "spec.yaml").read_text())
+        saved = yaml.safe_load(run.spec.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{out / 'spec.yaml'} is unreadable ({e}); cannot check that --resume continues the same run") from None
+        raise CheckpointError(f"{run.spec} is unreadable ({e}); cannot check that --resume continues the same run") from None
     now, before = _flatten(spec.model_dump(mode="json")), _flatten(saved or {})
     diffs = [k for k in now if now[k] != before.get(k) and k not in RESUMABLE_CHANGES]
     if diffs:
         raise CheckpointError(
-            f"--resume: the spec differs from the one {out} was started with ({', '.join(diffs)}); "
+            f"--resume: the spec differs from the one {run.path} was started with ({', '.join(diffs)}); "
             f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
         )
 
 
-def _finished_summary(out: Path) -> RunSummary | None:
-    try:
-        data = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
+def _finished_summary(run: RunDir) -> RunSummary | None:
+    data = run.read_summary()
+    if data is None or data.get("status") != "succeeded":
         return None
-    if data.get("status") != "succeeded":
-        return None
-    return RunSummary.model_validate({**data, "output_dir": data.get("output_dir", str(out))})
+    return RunSummary.model_validate({**data, "output_dir": data.get("output_dir", str(run.path))})
 
 
 def save_final(model, tokenizer, method: str, out: Path, state_dict: dict | None = None) -> Path:
     """Write `adapter/` (PEFT format) or `model/` (full fine-tuning), each with the tokenizer.
     `state_dict`: the trained weights gathered from sharded ranks (the model's own tensors are shards)."""
-    target = out / ("model" if method == "full" else "adapter")
+    target = RunDir(out).output(method)
     model.config.use_cache = True  # turned off for training; a saved model should generate with a KV cache
     tmp = out / f".tmp-{target.name}"
     try:
@@ -270,75 +324,358 @@ def save_final(model, tokenizer, method: str, out: Path, state_dict: dict | None
 # ---------------------------------------------------------------- the recipe
 
 
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint saves, and what the summary reports."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+
+
+class Recipe:
+    """One fine-tuning run: `Recipe(spec, ...).run()` checks everything, sets up data, model and optimizer,
+    restores a checkpoint when resuming, trains, and saves; `train()` below is the same in one call. Every
+    stage is a method, and what it makes is the object's state (data, model, optimizer, progress).
+
+    `resume=True` continues from the newest complete checkpoint (a finished run: nothing to do);
+    `overwrite=True` first removes what an earlier run wrote in output_dir. `stop_after=N` stops after N
+    optimizer steps of this session and `stop` (a StopRequest) at the next step boundary, each leaving a
+    checkpoint; the summary's status is then "stopped". `on_event` receives progress. `strategy`: the process
+    group this rank belongs to (default: built from the spec; one process outside a launch)."""
+
+    def __init__(self, spec: JobSpec, *, resume: bool = False, overwrite: bool = False,
+                 stop_after: int | None = None, on_event: EventHandler | None = None,
+                 stop: StopRequest | None = None, strategy: Strategy | None = None):
+        self.spec, self.t = spec, spec.training
+        self.resume, self.overwrite, self.stop_after = resume, overwrite, stop_after
+        self.stop = stop if stop is not None else StopRequest()
+        self.on_event = on_event
+        self.strategy, self.owns_strategy = strategy, strategy is None
+        self.started = time.time()
+        self.progress = Progress()
+        self.last_loss: float | None = None
+        self.last_eval: dict | None = None
+        self.last_eval_step: int | None = None
+        self.stop_reason: str | None = None
+        self.train_seconds, self.session_tokens, self.session_steps = 0.0, 0, 0
+
+    # ---------------------------------------------------------------- check (nothing written yet)
+
+    def check(self) -> RunSummary | None:
+        """Check the output folder, spec and data; make the process group; encode the data. Returns the summary
+        of a finished run being resumed (nothing left to do), else None."""
+        spec, t = self.spec, self.t
+        self.plan = plan_output(spec, self.resume, self.overwrite)
+        self.run_dir = RunDir(self.plan.out)
+        device = resolve_device(spec.device)
+        self.autocast_dtype = resolve_precision(t.precision, device)
+        # Launched as one of several ranks: this joins their process group.
+        self.strategy = self.strategy or build_strategy(spec.distributed, device, batch_size=t.batch_size,
+                                                        max_grad_norm=t.max_grad_norm,
+                                                        autocast_dtype=self.autocast_dtype)
+        self.device = self.strategy.device  # a rank's own GPU (LOCAL_RANK)
+        self.emit = _emitter(self.on_event) if self.strategy.is_main else _silent  # the main rank reports for all
+        self.base_dtype = resolve_base_dtype(t.base_dtype, spec.method, self.autocast_dtype)
+        return self.setup_data()
+
+    def setup_data(self) -> RunSummary | None:
+        spec, t, plan = self.spec, self.t, self.plan
+        reports = check_data_files(spec)
+        self.model_path = resolve_model(spec.model)
+        self.tokenizer = load_tokenizer(self.model_path, spec.trust_remote_code)
+        if spec.data.chat_template:  # saved with the tokenizer, so the trained model keeps using it
+            self.tokenizer.chat_template = spec.data.chat_template
+        self.train_data, self.valid_data, self.warnings = prepare_data(spec, self.tokenizer, reports)
+        self.lengths = [len(e.input_ids) for e in self.train_data.examples]
+        self.steps_per_epoch = len(self.step_groups(epoch=0))
+        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
+        # The learning-rate schedule is fixed when a run starts; resuming may stop it earlier, not stretch it.
+        self.schedule_steps = plan.checkpoint_state.get("schedule_steps", self.total_steps) if plan.resume \
+            else self.total_steps
+        if plan.finished is not None and self.total_steps <= plan.finished.steps:
+            self.emit("info", f"{plan.out} already finished (step {plan.finished.steps}/{plan.finished.total_steps}); "
+                              "nothing to do")
+            return plan.finished.model_copy(update={"already_finished": True})
+        if self.total_steps > self.schedule_steps:
+            raise CheckpointError(
+                f"--resume: this run would now stop at step {self.total_steps}, past the {self.schedule_steps}-step "
+                f"learning-rate schedule it was started with; stretching the schedule would change every remaining "
+                f"step. Stop at {self.schedule_steps} or earlier (training.max_steps), or start a new run in another "
+                "output_dir")
+        if plan.resume and plan.checkpoint_state["step"] > self.total_steps:
+            raise CheckpointError(
+                f"--resume: the newest checkpoint is at step {plan.checkpoint_state['step']}, past where the run "
+                f"would now stop ({self.total_steps}); resume with training.max_steps="
+                f"{plan.checkpoint_state['step']} or more")
+        return None
+
+    def step_groups(self, epoch: int) -> list:
+        """This rank's share of each step of `epoch`: micro-batches rank, rank + world, ... of the global step."""
+        t, s = self.t, self.strategy
+        return step_groups(self.lengths, t.batch_size, t.grad_accum, t.seed, epoch, t.group_by_length, s.rank,
+                           s.world_size)
+
+    # ---------------------------------------------------------------- setup
+
+    def setup_model(self) -> None:
+        spec, t = self.spec, self.t
+        for w in self.warnings[:20]:
+            self.emit("warning", w)
+        if len(self.warnings) > 20:
+            self.emit("warning", f"... and {len(self.warnings) - 20} more warnings (see `tuneforge data validate --spec ...`)")
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        self.kernels = resolve_kernels(t.kernels.model_dump(), self.device, spec.method, spec.adapter.dropout)
+        self.model = build_model(spec, self.model_path, self.device, self.base_dtype, self.kernels)
+        if self.kernels.loss == "chunked" and output_head(self.model) is None:  # prompt tuning: virtual tokens need logits
+            self.kernels = replace(self.kernels, loss="library")
+        self.model.train()
+        self.trainable, self.total_params = count_parameters(self.model)
+        self.weight_bytes = base_weight_bytes(self.model)
+
+    def setup_optimizer(self) -> None:
+        t, strategy = self.t, self.strategy
+        # forward(batch) -> (loss sum, correct) as one module, so DDP / FSDP2 / DeepSpeed see every forward
+        strategy.heartbeat("sharding the model")
+        self.forward = strategy.wrap(ForwardLoss(self.model, loss_fn_for(self.model, chunked=self.chunked)))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # after wrap: FSDP2's shards, if sharded
+        self.optimizer = strategy.build_optimizer(
+            self.params, lambda ps: build_optimizer(ps, t.optimizer, t.lr, t.weight_decay), t.lr, t.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, t.scheduler, t.warmup_ratio, self.schedule_steps)
+        self.scaler = grad_scaler(self.device, self.autocast_dtype)
+
+    @property
+    def chunked(self) -> bool:
+        return self.kernels.loss == "chunked"
+
+    def load_checkpoint(self) -> None:
+        """Resume: restore the newest readable checkpoint (a damaged one is named, and the one before it used)."""
+        if not self.plan.resume:
+            return
+        self.strategy.heartbeat("loading the checkpoint")
+        found, state, skipped = ckpt.load_newest(self.run_dir.path, self.model, self.optimizer, self.scheduler,
+                                                 self.scaler, self.strategy)
+        for message in skipped:
+            self.emit("warning", f"{message}; falling back to the checkpoint before it")
+        if found is None:
+            raise CheckpointError(f"--resume: every checkpoint in {self.run_dir.checkpoints_root} is damaged: "
+                                  + "; ".join(skipped))
+        self.progress = Progress(state["step"], state["epoch"], state["step_in_epoch"], state["tokens_seen"])
+        self.emit("info", f"resuming from {found} (step {self.progress.step}/{self.total_steps})")
+
+    def prepare_output(self) -> None:
+        """Everything is checked, so now the output folder may be prepared: an old run's outputs removed, the
+        marker and the resolved spec written, metrics opened (continued when resuming)."""
+        out = self.run_dir.path
+        if self.strategy.is_main:
+            try:
+                if self.plan.overwrite:
+                    files.remove_run_outputs(out)
+                files.mark(out, files.RUN_MARKER)
+                files.atomic_write_text(self.run_dir.spec,
+                                        self.spec.model_copy(update={"output_dir": str(out)}).to_yaml())
+            except OSError as e:
+                raise files.disk_error(e, out) from None
+        self.strategy.check_peers()  # every rank is here and a collective works, or the silent rank is named
+        self.metrics = MetricsLogger(out, resume_step=self.progress.step) if self.strategy.is_main else None
+        if self.metrics is not None and self.metrics.repaired:
+            self.emit("warning", f"{self.metrics.path}: dropped {self.metrics.repaired} unreadable line(s) "
+                                 "(a write cut short)")
+
+    # ---------------------------------------------------------------- train
+
+    def train(self) -> None:
+        """Steps until total_steps, a stop request or stop_after; validation, metrics and checkpoints on the way."""
+        spec, t, strategy, p = self.spec, self.t, self.strategy, self.progress
+        world = strategy.world_size
+        self.emit(
+            "started",
+            f"tuneforge: {spec.method} on {spec.model} ({self.model.config.model_type}), {self.trainable:,} trainable "
+            f"/ {self.total_params:,} params ({100 * self.trainable / max(self.total_params, 1):.2f}%), "
+            f"{len(self.train_data.examples)} train examples, {self.total_steps} steps, device {self.device}, "
+            f"precision {self.autocast_dtype or torch.float32}"
+            + (f", {world} ranks ({strategy.name}), global batch {t.batch_size} x {t.grad_accum} x {world} = "
+               f"{t.batch_size * t.grad_accum * world}" if world > 1 else ""),
+            step=p.step, total_steps=self.total_steps,
+            data={"trainable_params": self.trainable, "total_params": self.total_params,
+                  "train_examples": len(self.train_data.examples), "schedule_steps": self.schedule_steps,
+                  "kernels": self.kernels.as_dict(), "world_size": world, "strategy": strategy.name,
+                  "global_batch": t.batch_size * t.grad_accum * world})
+        self.stop.armed = True  # from here a signal handler may defer to the step boundary
+        try:
+            while p.step < self.total_steps:
+                steps = self.step_groups(p.epoch)
+                for micro_batches in steps[p.step_in_epoch:]:
+                    record = self.train_step(micro_batches, len(steps))
+                    is_last = p.step >= self.total_steps
+                    if self.valid_data is not None and (p.step % t.eval_every == 0 or is_last):
+                        record.update(self.validate())
+                    if self.metrics is not None and (p.step % t.log_every == 0 or is_last or EVAL_LOSS in record):
+                        self.metrics.log(p.step, **record)
+                    self.emit("step", f"step {p.step}/{self.total_steps}: train loss {self.last_loss:.4f}",
+                              step=p.step, total_steps=self.total_steps, data=record)
+                    if not is_last and self.stop_after is not None and self.session_steps >= self.stop_after:
+                        self.stop_reason = "stop_after"
+                    elif not is_last and (self.stop if world == 1 else strategy.all_reduce_max(bool(self.stop))):
+                        self.stop_reason = self.stop.reason or "stopped on another rank"  # all ranks stop together
+                    if p.step % t.save_every == 0 or self.stop_reason or is_last:
+                        self.save_checkpoint()
+                    if is_last or self.stop_reason:
+                        return
+                p.epoch += 1  # the epoch finished
+                p.step_in_epoch = 0
+        finally:
+            self.stop.armed = False
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def train_step(self, micro_batches: list[list[int]], steps_in_epoch: int) -> dict:
+        """One optimizer step over this rank's micro-batches (example indices); returns the step's metrics."""
+        t, strategy, p = self.t, self.strategy, self.progress
+        pad_id = self.tokenizer.pad_token_id
+        tick = time.perf_counter()
+        strategy.heartbeat(f"step {p.step + 1}: forward/backward")
+        micro_batches = [part for mb in micro_batches
+                         for part in split_by_tokens(mb, self.lengths, t.micro_batch_tokens, t.packing)]
+        examples = self.train_data.examples
+        batches = [collate_packed([examples[i] for i in mb]) if t.packing else collate([examples[i] for i in mb], pad_id)
+                   for mb in micro_batches]
+        step_tokens = sum(real_tokens(b) for b in batches)
+        if strategy.world_size > 1:  # equal forward counts on every rank (wrappers communicate in each)
+            batches += [_empty_batch(self.train_data, pad_id, t.packing)] * (
+                int(strategy.all_reduce_max(len(batches))) - len(batches))
+        # Normalise by the targets of the whole accumulated batch (across processes too).
+        n_targets = strategy.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
+        loss_sum, correct_sum = forward_backward(self.forward, batches, n_targets, strategy, self.scaler, self.device,
+                                                 self.autocast_dtype)
+        step_tokens = int(strategy.all_reduce_sum(step_tokens))  # the global batch's real tokens
+        self.session_tokens += step_tokens
+        strategy.heartbeat(f"step {p.step + 1}: optimizer step")
+        grad_norm = optimizer_step(self.optimizer, self.params, strategy, self.scaler, self.scheduler,
+                                   t.max_grad_norm)
+        p.step += 1
+        p.step_in_epoch += 1
+        self.session_steps += 1
+        self.train_seconds += time.perf_counter() - tick
+        self.last_loss = strategy.all_reduce_sum(loss_sum) / n_targets
+        p.tokens_seen += step_tokens
+        return {TRAIN_LOSS: self.last_loss, TRAIN_ACCURACY: strategy.all_reduce_sum(correct_sum) / n_targets,
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "epoch": p.epoch + p.step_in_epoch / steps_in_epoch,
+                "tokens_per_second": self.session_tokens / self.train_seconds}
+
+    def validate(self) -> dict:
+        """Validation loss and token accuracy over the whole validation set. Several ranks: through the wrapped
+        forward (sharded weights are gathered only inside it), every rank over the whole set, in the same order."""
+        self.strategy.heartbeat(f"step {self.progress.step}: validation")
+        distributed = self.strategy.world_size > 1
+        self.last_eval = dataset_loss(self.forward if distributed else self.model, self.valid_data, self.t.batch_size,
+                                      self.tokenizer.pad_token_id, self.device, self.autocast_dtype,
+                                      chunked=self.chunked, loss_fn=self.forward if distributed else None)
+        self.last_eval_step = self.progress.step
+        return self.last_eval
+
+    def save_checkpoint(self) -> None:
+        """A resumable checkpoint of this step (every rank writes its part when there are several)."""
+        p = self.progress
+        self.strategy.heartbeat(f"step {p.step}: writing checkpoint")
+        path = ckpt.save_checkpoint(
+            self.run_dir.path, p.step, self.model, self.optimizer, self.scheduler,
+            {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "tokens_seen": p.tokens_seen,
+             "schedule_steps": self.schedule_steps},
+            keep=self.t.keep_checkpoints, scaler=self.scaler, strategy=self.strategy)
+        self.emit("checkpoint", f"checkpoint {path.name}", step=p.step, total_steps=self.total_steps,
+                  data={"path": str(path)})
+
+    # ---------------------------------------------------------------- save
+
+    def finish(self) -> RunSummary:
+        """The summary; a finished run also writes its adapter or model, the loss curve and summary.json."""
+        spec, strategy, p = self.spec, self.strategy, self.progress
+        finished = p.step >= self.total_steps
+        latest = self.run_dir.latest_checkpoint()
+        rank_peaks = strategy.gather_floats(peak_rss_mb()) if strategy.world_size > 1 else None  # collective
+        summary = RunSummary(
+            status="succeeded" if finished else "stopped",
+            stop_reason=None if finished else self.stop_reason,
+            output_dir=str(self.run_dir.path), method=spec.method, task=spec.task, model=spec.model,
+            model_path=str(self.model_path), model_type=self.model.config.model_type,
+            trainable_params=self.trainable, total_params=self.total_params, base_weight_bytes=self.weight_bytes,
+            train_examples=len(self.train_data.examples),
+            validation_examples=len(self.valid_data.examples) if self.valid_data else 0,
+            train_tokens=self.train_data.total_tokens, steps=p.step, total_steps=self.total_steps,
+            schedule_steps=self.schedule_steps, tokens_seen=p.tokens_seen,
+            tokens_per_second=self.session_tokens / self.train_seconds if self.train_seconds else 0.0,
+            peak_rss_mb=peak_rss_mb(), rank_peak_rss_mb=rank_peaks, final_train_loss=self.last_loss,
+            final_eval_loss=self.last_eval[EVAL_LOSS] if self.last_eval else None,
+            final_eval_token_accuracy=self.last_eval[EVAL_ACCURACY] if self.last_eval else None,
+            eval_step=self.last_eval_step if self.last_eval else None,
+            precision=str(self.autocast_dtype or torch.float32).removeprefix("torch."),
+            grad_scaler=self.scaler.is_enabled(), base_dtype=str(self.base_dtype).removeprefix("torch."),
+            device=str(self.device), kernels=self.kernels.as_dict(),
+            adapter_dropout=(effective_dropout(spec.adapter.dropout, self.kernels)
+                             if spec.method in ("lora", "dora", "qlora") else None),
+            checkpoint=None if finished or latest is None else str(latest.path),
+            wall_seconds=time.time() - self.started,
+        )
+        strategy.heartbeat("gathering the final weights")
+        full_state = strategy.full_state_dict(self.model) if finished else None  # collective for sharded strategies
+        if strategy.is_main:
+            out = self.run_dir.path
+            if finished:
+                summary.output = str(save_final(self.model, self.tokenizer, spec.method, out, full_state))
+                plot_loss_curve(out)
+                summary.wall_seconds = time.time() - self.started
+                files.atomic_write_text(self.run_dir.summary, summary.model_dump_json(indent=2))
+                loss_text = f"loss {self.last_loss:.4f}, " if self.last_loss is not None else ""
+                self.emit("finished", f"done: step {p.step}/{self.total_steps}, {loss_text}"
+                                      f"{summary.tokens_per_second:.0f} tokens/s, peak RSS {summary.peak_rss_mb:.0f} MB "
+                                      f"-> {out}", step=p.step, total_steps=self.total_steps)
+            else:
+                self.emit("stopped", f"stopped at step {p.step}/{self.total_steps} ({self.stop_reason}); checkpoint "
+                                     f"{latest.path.name if latest else '-'} in {out}: continue with `tuneforge train "
+                                     f"{out} --resume`", step=p.step, total_steps=self.total_steps,
+                          data={"reason": self.stop_reason})
+        strategy.barrier()
+        return summary
+
+    # ---------------------------------------------------------------- all of it
+
+    def run(self) -> RunSummary:
+        done = self.check()
+        if done is not None:
+            return done
+        try:
+            self.setup_model()
+            self.setup_optimizer()
+            self.load_checkpoint()
+            self.prepare_output()
+            self.train()
+            return self.finish()
+        except RuntimeError as e:  # a dead or silent peer: name it instead of a collective's traceback
+            diagnosis = self.strategy.diagnose(e)
+            if diagnosis is None:
+                raise
+            raise diagnosis from None
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: no step boundary to wait for
+            latest = self.run_dir.latest_checkpoint()
+            where = (f"the newest checkpoint is {latest.path.name}: continue with `tuneforge train {self.run_dir.path} "
+                     "--resume`" if latest else "nothing was saved, so there is nothing to resume")
+            raise Stopped(f"interrupted ({self.stop.reason or 'KeyboardInterrupt'}) before a step boundary; {where}",
+                          exit_code=143 if self.stop.reason == "SIGTERM" else 130) from None
+        finally:
+            if self.owns_strategy:
+                self.strategy.close()
+
+
 def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
           on_event: EventHandler | None = None, stop: StopRequest | None = None,
           strategy: Strategy | None = None) -> RunSummary:
-    """Run a fine-tuning job and return its summary (also written to `<output_dir>/summary.json`).
-
-    `resume=True` continues from the newest complete checkpoint (a finished run: nothing to do);
-    `overwrite=True` first removes what an earlier run wrote in output_dir. `stop_after=N` stops after
-    N optimizer steps of this session and `stop` (a StopRequest) at the next step boundary, each
-    leaving a checkpoint; the summary's status is then "stopped". `on_event` receives progress.
-    """
-    started = time.time()
-    stop = stop if stop is not None else StopRequest()
-    emit = _emitter(on_event)
-    t = spec.training
-
-    # ---- check everything before writing or deleting anything
-    plan = plan_output(spec, resume, overwrite)
-    out = plan.out
-    device = resolve_device(spec.device)
-    owns_strategy = strategy is None
-    autocast_dtype = resolve_precision(t.precision, device)
-    # Launched as one of several ranks: this joins their process group.
-    strategy = strategy or build_strategy(spec.distributed, device, batch_size=t.batch_size,
-                                          max_grad_norm=t.max_grad_norm, autocast_dtype=autocast_dtype)
-    device = strategy.device  # a rank's own GPU (LOCAL_RANK)
-    base_dtype = resolve_base_dtype(t.base_dtype, spec.method, autocast_dtype)
-    reports = check_data_files(spec)
-    model_path = resolve_model(spec.model)
-    tokenizer = load_tokenizer(model_path, spec.trust_remote_code)
-    if spec.data.chat_template:  # saved with the tokenizer, so the trained model keeps using it
-        tokenizer.chat_template = spec.data.chat_template
-    train_data, valid_data, warnings = prepare_data(spec, tokenizer, reports)
-    lengths = [len(e.input_ids) for e in train_data.examples]
-    steps_per_epoch = len(step_groups(lengths, t.batch_size, t.grad_accum, t.seed, 0, t.group_by_length,
-                                      strategy.rank, strategy.world_size))
-    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
-    # The learning-rate schedule is fixed when a run starts; resuming may stop it earlier, not stretch it.
-    schedule_steps = plan.checkpoint_state.get("schedule_steps", total_steps) if plan.resume else total_steps
-    if plan.finished is not None and total_steps <= plan.finished.steps:
-        emit("info", f"{out} already finished (step {plan.finished.steps}/{plan.finished.total_steps}); nothing to do")
-        return plan.finished.model_copy(update={"already_finished": True})
-    if total_steps > schedule_steps:
-        raise CheckpointError(
-            f"--resume: this run would now stop at step {total_steps}, past the {schedule_steps}-step learning-rate "
-            f"schedule it was started with; stretching the schedule would change every remaining step. Stop at "
-            f"{schedule_steps} or earlier (training.max_steps), or start a new run in another output_dir")
-    if plan.resume and plan.checkpoint_state["step"] > total_steps:
-        raise CheckpointError(
-            f"--resume: the newest checkpoint is at step {plan.checkpoint_state['step']}, past where the run "
-            f"would now stop ({total_steps}); resume with training.max_steps={plan.checkpoint_state['step']} or more")
-
-    try:
-        return _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, tokenizer, train_data,
-                    valid_data, warnings, lengths, total_steps, schedule_steps, stop_after, stop,
-                    emit if strategy.is_main else _silent, started)
-    except RuntimeError as e:  # a dead or silent peer: name it instead of a collective's traceback
-        diagnosis = strategy.diagnose(e)
-        if diagnosis is None:
-            raise
-        raise diagnosis from None
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: no step boundary to wait for
-        latest = ckpt.latest_checkpoint(out) if out.is_dir() else None
-        where = (f"the newest checkpoint is {latest.name}: continue with `tuneforge train {out} --resume`" if latest
-                 else "nothing was saved, so there is nothing to resume")
-        raise Stopped(f"interrupted ({stop.reason or 'KeyboardInterrupt'}) before a step boundary; {where}",
-                      exit_code=143 if stop.reason == "SIGTERM" else 130) from None
-    finally:
-        if owns_strategy:
-            strategy.close()
+    """Run a fine-tuning job and return its summary (also written to `<output_dir>/summary.json`); see Recipe."""
+    return Recipe(spec, resume=resume, overwrite=overwrite, stop_after=stop_after, on_event=on_event, stop=stop,
+                  strategy=strategy).run()
 
 
 def _silent(kind: str, message: str, **kw) -> None:
@@ -351,234 +688,6 @@ def _emitter(on_event: EventHandler | None):
         (log.warning if kind == "warning" else log.info)(message) if on_event is None else on_event(event)
 
     return emit
-
-
-def _run(spec, plan, device, strategy, autocast_dtype, base_dtype, model_path, tokenizer, train_data, valid_data,
-         warnings, lengths, total_steps, schedule_steps, stop_after, stop, emit, started) -> RunSummary:
-    t = spec.training
-    out = plan.out
-    for w in warnings[:20]:
-        emit("warning", w)
-    if len(warnings) > 20:
-        emit("warning", f"... and {len(warnings) - 20} more warnings (see `tuneforge data validate --spec ...`)")
-
-    # ---- model, optimizer, schedule
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    kernels = resolve_kernels(t.kernels.model_dump(), device, spec.method, spec.adapter.dropout)
-    model = build_model(spec, model_path, device, base_dtype, kernels)
-    if kernels.loss == "chunked" and output_head(model) is None:  # e.g. prompt tuning: virtual tokens need logits
-        kernels = replace(kernels, loss="library")
-    model.train()
-    trainable, total = count_parameters(model)
-    weight_bytes = base_weight_bytes(model)
-    # forward(batch) -> (loss sum, correct) as one module, so DDP / FSDP2 / DeepSpeed see every forward
-    strategy.heartbeat("sharding the model")
-    forward = strategy.wrap(ForwardLoss(model, loss_fn_for(model, chunked=kernels.loss == "chunked")))
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2's shards, if sharded
-    optimizer = strategy.build_optimizer(params, lambda ps: build_optimizer(ps, t.optimizer, t.lr, t.weight_decay),
-                                         t.lr, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.scheduler, t.warmup_ratio, schedule_steps)
-    scaler = grad_scaler(device, autocast_dtype)
-
-    # ---- resume
-    step, epoch, step_in_epoch, tokens_seen = 0, 0, 0, 0
-    if plan.resume:
-        strategy.heartbeat("loading the checkpoint")
-        if strategy.world_size > 1:  # every rank loads its part
-            found_path, state, skipped = ckpt.load_distributed(out, model, optimizer, scheduler, scaler, strategy)
-        else:
-            found, skipped = ckpt.newest_readable(out)
-        for message in skipped:
-            emit("warning", f"{message}; falling back to the checkpoint before it")
-        if (found_path if strategy.world_size > 1 else found) is None:
-            raise CheckpointError(f"--resume: every checkpoint in {out / 'checkpoints'} is damaged: "
-                                  + "; ".join(skipped))
-        if strategy.world_size == 1:
-            state, found_path = ckpt.apply_checkpoint(found, model, optimizer, scheduler, scaler), found.path
-        step, epoch, step_in_epoch, tokens_seen = state["step"], state["epoch"], state["step_in_epoch"], state["tokens_seen"]
-        emit("info", f"resuming from {found_path} (step {step}/{total_steps})")
-
-    # ---- the output folder: everything above is checked, so now it may be prepared
-    if strategy.is_main:
-        try:
-            if plan.overwrite:
-                files.remove_run_outputs(out)
-            files.mark(out, files.RUN_MARKER)
-            files.atomic_write_text(out / "spec.yaml", spec.model_copy(update={"output_dir": str(out)}).to_yaml())
-        except OSError as e:
-            raise files.disk_error(e, out) from None
-    strategy.check_peers()  # every rank is here and a collective works, or the silent rank is named
-    metrics = MetricsLogger(out, resume_step=step) if strategy.is_main else None
-    if metrics is not None and metrics.repaired:
-        emit("warning", f"{metrics.path}: dropped {metrics.repaired} unreadable line(s) (a write cut short)")
-
-    emit("started",
-         f"tuneforge: {spec.method} on {spec.model} ({model.config.model_type}), {trainable:,} trainable / "
-         f"{total:,} params ({100 * trainable / max(total, 1):.2f}%), {len(train_data.examples)} train examples, "
-         f"{total_steps} steps, device {device}, precision {autocast_dtype or torch.float32}"
-         + (f", {strategy.world_size} ranks ({strategy.name}), global batch {t.batch_size} x {t.grad_accum} x "
-            f"{strategy.world_size} = {t.batch_size * t.grad_accum * strategy.world_size}" if strategy.world_size > 1 else ""),
-         step=step, total_steps=total_steps,
-         data={"trainable_params": trainable, "total_params": total, "train_examples": len(train_data.examples),
-               "schedule_steps": schedule_steps, "kernels": kernels.as_dict(),
-               "world_size": strategy.world_size, "strategy": strategy.name,
-               "global_batch": t.batch_size * t.grad_accum * strategy.world_size})
-
-    # ---- train
-    pad_id = tokenizer.pad_token_id
-    train_seconds, session_tokens, session_steps = 0.0, 0, 0
-    last_loss = last_eval = None
-    last_eval_step = -1
-    stop_reason = None
-    stop.armed = True  # from here a signal handler may defer to the step boundary
-    try:
-        while step < total_steps:
-            # This rank's share of each step: micro-batches rank, rank + world, ... of the global step
-            steps = step_groups(lengths, t.batch_size, t.grad_accum, t.seed, epoch, t.group_by_length,
-                                strategy.rank, strategy.world_size)
-            for micro_batches in steps[step_in_epoch:]:
-                tick = time.perf_counter()
-                strategy.heartbeat(f"step {step + 1}: forward/backward")
-                micro_batches = [part for mb in micro_batches
-                                 for part in split_by_tokens(mb, lengths, t.micro_batch_tokens, t.packing)]
-                batches = [collate_packed([train_data.examples[i] for i in mb]) if t.packing
-                           else collate([train_data.examples[i] for i in mb], pad_id) for mb in micro_batches]
-                step_tokens = sum(real_tokens(b) for b in batches)
-                if strategy.world_size > 1:  # equal forward counts on every rank (wrappers communicate in each)
-                    batches += [_empty_batch(train_data, pad_id, t.packing)] * (
-                        int(strategy.all_reduce_max(len(batches))) - len(batches))
-                # Normalise by the targets of the whole accumulated batch (across processes too).
-                n_targets = strategy.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
-                loss_sum = correct_sum = 0.0
-                for m, batch in enumerate(batches):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with strategy.accumulate(forward, is_last=m == len(batches) - 1):
-                        with autocast(device, autocast_dtype):
-                            loss, correct = forward(batch)
-                        # grad_scale undoes the wrappers' average over ranks (distributed/strategy.py)
-                        scaled = loss if strategy.grad_scale == 1 else loss * strategy.grad_scale
-                        strategy.backward(scaler.scale(scaled / n_targets))  # scale: identity unless fp16
-                    loss_sum += loss.item()
-                    correct_sum += correct.item()
-                step_tokens = int(strategy.all_reduce_sum(step_tokens))  # the global batch's real tokens
-                session_tokens += step_tokens
-                strategy.heartbeat(f"step {step + 1}: optimizer step")
-                scaler.unscale_(optimizer)  # clip the true gradients
-                grad_norm = strategy.clip_grad_norm(params, t.max_grad_norm) if t.max_grad_norm else None
-                scaler.step(optimizer)  # skipped if fp16 gradients overflowed
-                scaler.update()
-                if grad_norm is None and t.max_grad_norm:  # DeepSpeed clips inside its step
-                    grad_norm = strategy.step_grad_norm()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                step_in_epoch += 1
-                session_steps += 1
-                train_seconds += time.perf_counter() - tick
-                last_loss = strategy.all_reduce_sum(loss_sum) / n_targets
-                tokens_seen += step_tokens
-
-                is_last = step >= total_steps
-                record = {"train_loss": last_loss, "train_token_accuracy": strategy.all_reduce_sum(correct_sum) / n_targets,
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                          "epoch": epoch + step_in_epoch / len(steps), "tokens_per_second": session_tokens / train_seconds}
-                if valid_data is not None and (step % t.eval_every == 0 or is_last):
-                    strategy.heartbeat(f"step {step}: validation")
-                    # Distributed: through the wrapped forward (sharded weights are gathered only inside it);
-                    # every rank evaluates the whole validation set, in the same order.
-                    last_eval = dataset_loss(forward if strategy.world_size > 1 else model, valid_data, t.batch_size,
-                                             pad_id, device, autocast_dtype, chunked=kernels.loss == "chunked",
-                                             loss_fn=forward if strategy.world_size > 1 else None)
-                    last_eval_step = step
-                    record.update(last_eval)
-                if metrics is not None and (step % t.log_every == 0 or is_last or "eval_loss" in record):
-                    metrics.log(step, **record)
-                emit("step", f"step {step}/{total_steps}: train loss {last_loss:.4f}", step=step,
-                     total_steps=total_steps, data=record)
-                if not is_last and stop_after is not None and session_steps >= stop_after:
-                    stop_reason = "stop_after"
-                elif not is_last and (stop if strategy.world_size == 1 else strategy.all_reduce_max(bool(stop))):
-                    stop_reason = stop.reason or "stopped on another rank"  # all ranks stop at the same step
-                # Every rank takes part in a checkpoint when there are several (each writes its shards).
-                if (strategy.is_main or strategy.world_size > 1) and (step % t.save_every == 0 or stop_reason or is_last):
-                    strategy.heartbeat(f"step {step}: writing checkpoint")
-                    path = ckpt.save_checkpoint(
-                        out, step, model, optimizer, scheduler,
-                        {"epoch": epoch, "step_in_epoch": step_in_epoch, "tokens_seen": tokens_seen,
-                         "schedule_steps": schedule_steps},
-                        keep=t.keep_checkpoints, scaler=scaler, strategy=strategy if strategy.world_size > 1 else None,
-                    )
-                    emit("checkpoint", f"checkpoint {path.name}", step=step, total_steps=total_steps,
-                         data={"path": str(path)})
-                if is_last or stop_reason:
-                    break
-            else:  # epoch finished
-                epoch += 1
-                step_in_epoch = 0
-                continue
-            break
-    finally:
-        stop.armed = False
-        if metrics is not None:
-            metrics.close()
-
-    # ---- save
-    finished = step >= total_steps
-    latest = ckpt.latest_checkpoint(out)
-    rank_peaks = strategy.gather_floats(peak_rss_mb()) if strategy.world_size > 1 else None  # collective
-    summary = RunSummary(
-        status="succeeded" if finished else "stopped",
-        stop_reason=None if finished else stop_reason,
-        output_dir=str(out),
-        method=spec.method,
-        task=spec.task,
-        model=spec.model,
-        model_path=str(model_path),
-        model_type=model.config.model_type,
-        trainable_params=trainable,
-        total_params=total,
-        base_weight_bytes=weight_bytes,
-        train_examples=len(train_data.examples),
-        validation_examples=len(valid_data.examples) if valid_data else 0,
-        train_tokens=train_data.total_tokens,
-        steps=step,
-        total_steps=total_steps,
-        schedule_steps=schedule_steps,
-        tokens_seen=tokens_seen,
-        tokens_per_second=session_tokens / train_seconds if train_seconds else 0.0,
-        peak_rss_mb=peak_rss_mb(),
-        rank_peak_rss_mb=rank_peaks,
-        final_train_loss=last_loss,
-        final_eval_loss=last_eval["eval_loss"] if last_eval else None,
-        final_eval_token_accuracy=last_eval["eval_token_accuracy"] if last_eval else None,
-        eval_step=last_eval_step if last_eval else None,
-        precision=str(autocast_dtype or torch.float32).removeprefix("torch."),
-        grad_scaler=scaler.is_enabled(),
-        base_dtype=str(base_dtype).removeprefix("torch."),
-        device=str(device),
-        kernels=kernels.as_dict(),
-        adapter_dropout=effective_dropout(spec.adapter.dropout, kernels) if spec.method in ("lora", "dora", "qlora") else None,
-        checkpoint=None if finished or latest is None else str(latest),
-        wall_seconds=time.time() - started,
-    )
-    loss_text = f"loss {last_loss:.4f}, " if last_loss is not None else ""
-    strategy.heartbeat("gathering the final weights")
-    full_state = strategy.full_state_dict(model) if finished else None  # collective for sharded strategies
-    if strategy.is_main:
-        if finished:
-            summary.output = str(save_final(model, tokenizer, spec.method, out, full_state))
-            plot_loss_curve(out)
-            summary.wall_seconds = time.time() - started
-            files.atomic_write_text(out / "summary.json", summary.model_dump_json(indent=2))
-            emit("finished", f"done: step {step}/{total_steps}, {loss_text}{summary.tokens_per_second:.0f} tokens/s, "
-                             f"peak RSS {summary.peak_rss_mb:.0f} MB -> {out}", step=step, total_steps=total_steps)
-        else:
-            emit("stopped", f"stopped at step {step}/{total_steps} ({stop_reason}); checkpoint {latest.name if latest else '-'} "
-                            f"in {out}: continue with `tuneforge train {out} --resume`", step=step,
-                 total_steps=total_steps, data={"reason": stop_reason})
-    strategy.barrier()
-    return summary
 
 
 def _empty_batch(data: EncodedData, pad_id: int, packing: bool) -> dict[str, torch.Tensor]:

@@ -76,3 +76,37 @@ def test_small_models_are_probed_whole_and_large_ones_in_cuts():
     phi3 = AutoConfig.from_pretrained(Path(__file__).parents[2] / "data" / "phi3-mini")
     assert probes_whole_model(smollm2, _shape("lora", rows=4, seq_len=256))
     assert not probes_whole_model(phi3, _shape("qlora", rows=1, seq_len=128))
+
+
+@pytest.mark.parametrize("rmsnorm", ["auto", "library"])
+def test_the_probe_builds_its_model_with_the_recipes_own_code(tiny_models, chat_file, tmp_path, monkeypatch, rmsnorm):
+    """The planner's probe and `train` build their models through one function (recipe.prepare_model): a kernel
+    setting changed in the spec reaches both, and both install the same kernels."""
+    import torch
+
+    from tests.conftest import tiny_spec
+    from tuneforge.planning.estimate import load_config
+    from tuneforge.planning.plan import run_shape
+    from tuneforge.planning.probe import build_probe_model
+    from tuneforge.spec import build_spec
+    from tuneforge.training import recipe
+
+    calls = []
+    real = recipe.install_kernels
+
+    def spy(model, kernels, *, before_peft):
+        counts = real(model, kernels, before_peft=before_peft)
+        calls.append((kernels.rmsnorm, before_peft, counts.get("rmsnorm", 0)))
+        return counts
+
+    monkeypatch.setattr(recipe, "install_kernels", spy)
+    raw = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "run", max_steps=1)
+    raw["training"]["kernels"] = {"rmsnorm": rmsnorm}
+    spec = build_spec(raw)
+    recipe.build_model(spec, tiny_models["llama"], torch.device("cpu"), torch.float32)
+    build_probe_model(load_config(str(tiny_models["llama"])), run_shape(spec, "lora", torch.device("cpu"), 1, 16), 1)
+    train, probe = calls[:2], calls[2:]
+    assert [c[:2] for c in train] == [c[:2] for c in probe] == [
+        ("fused" if rmsnorm == "auto" else "library", True), ("fused" if rmsnorm == "auto" else "library", False)]
+    swapped = [train[0][2], probe[0][2]]  # norms swapped in: every one of the model, and of the 1-layer cut
+    assert all(n > 0 for n in swapped) if rmsnorm == "auto" else swapped == [0, 0]

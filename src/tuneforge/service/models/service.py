@@ -7,6 +7,7 @@ from tuneforge.service.context import ServiceContext
 from tuneforge.service.errors import InvalidRequest, NotFound
 from tuneforge.service.models.protocol import Model, ModelDeleted, ModelList
 from tuneforge.serving.registry import operator_models
+from tuneforge.training.run_dir import RunDir
 
 BASE_OWNER = "tuneforge"
 
@@ -42,8 +43,8 @@ def delete(ctx: ServiceContext, org: Org, model_id: str) -> ModelDeleted:
     if row is None:
         raise NotFound("model", model_id, param="model")
     if ctx.store.delete_model(model_id, org.id):
-        run = ctx.settings.jobs_dir / row["job_id"] / "run"
-        for name in ("adapter", "model"):
-            if (run / name).exists():
-                files.remove_owned(run / name)  # the guard: only inside the run folder tuneforge made
+        run = RunDir(ctx.settings.jobs_dir / row["job_id"] / "run")
+        for output in (run.adapter, run.model):
+            if output.exists():
+                files.remove_owned(output)  # the guard: only inside the run folder tuneforge made
     return ModelDeleted(id=model_id, deleted=True)
