@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from string import Template
@@ -41,7 +41,7 @@ class Page:
     script: str
     nav: str  # which navigation link is the current page
     styles: tuple[str, ...] = ()
-    scripts: tuple[str, ...] = field(default=())  # classic scripts run before the page's module (a library)
+    scripts: tuple[str, ...] = ()  # classic scripts, run before the page's module (a library)
 
 
 PAGES = {

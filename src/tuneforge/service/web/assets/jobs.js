@@ -3,7 +3,10 @@
 import { api, ApiError, listAll, request } from "./api.js";
 import { $, badge, boot, el, fmt, FINISHED, say, setChildren } from "./ui.js";
 
-const PLAN_POLL_MS = 700;
+// A plan still running is asked for again: each ask re-checks the request (its files included), so it waits
+// on the server a little (the answer comes the moment the plan is done) rather than asking often.
+const PLAN_WAIT_SECONDS = 2;
+const PLAN_POLL_MS = 300;
 const PLAN_DEBOUNCE_MS = 500;
 const JOBS_REFRESH_MS = 5000;
 
@@ -165,7 +168,7 @@ async function plan() {
   for (;;) {
     let answer;
     try {
-      answer = await api.post("/v1/tuneforge/plan?wait=1", body);
+      answer = await api.post(`/v1/tuneforge/plan?wait=${PLAN_WAIT_SECONDS}`, body);
     } catch (e) {
       if (run === planRun) say(status, `No plan: ${e.message}`);
       return;
