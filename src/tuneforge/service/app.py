@@ -14,9 +14,11 @@ from tuneforge.service.settings import ServiceSettings
 
 def create_app(settings: ServiceSettings, ctx: ServiceContext | None = None) -> FastAPI:
     from tuneforge.service.completions.router import router as completions_router
+    from tuneforge.service.extensions.router import router as extensions_router
     from tuneforge.service.files.router import router as files_router
     from tuneforge.service.jobs.router import router as jobs_router
     from tuneforge.service.models.router import router as models_router
+    from tuneforge.service.web.router import router as web_router
 
     ctx = ctx or ServiceContext.open(settings)
 
@@ -33,8 +35,9 @@ def create_app(settings: ServiceSettings, ctx: ServiceContext | None = None) -> 
     app.state.pepper = settings.pepper()
     install_error_handlers(app)
     app.add_middleware(BodyLimits)  # every JSON body bounded in size and depth before a handler parses it
-    for router in (files_router, jobs_router, models_router, completions_router):
+    for router in (files_router, jobs_router, models_router, completions_router, extensions_router):
         app.include_router(router)
+    app.include_router(web_router)  # the dashboard: pages and assets at /, calling the routers above
     app.state.models = _model_server(settings)
 
     @app.get("/health", include_in_schema=False)
