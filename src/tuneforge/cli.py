@@ -332,6 +332,7 @@ def _number(kind, low: float, what: str, high: float | None = None):
 
 positive_int = _number(int, 1, "a whole number of at least 1")
 non_negative_float = _number(float, 0.0, "0 or more")
+non_negative_int = _number(int, 0, "a whole number, 0 or more")
 port_number = _number(int, 1, "a TCP port, 1-65535", high=65535)
 
 
@@ -376,6 +377,7 @@ def cmd_serve(args) -> int:
         "max_waiting": args.max_queue, "max_adapters": args.max_adapters,
         "max_adapter_bytes": args.max_adapter_mb * 2**20, "inference_threads": args.inference_threads,
         "inference_precision": args.inference_precision, "shutdown_grace_seconds": args.shutdown_grace_seconds,
+        "prefix_cache_bytes": args.prefix_cache_mb * 2**20,
         "max_job_ranks": args.max_job_ranks, "max_job_tokens": args.max_job_tokens,
         "max_running_jobs_per_org": args.max_running_jobs_per_org})
     return serve(settings, host=args.host, port=args.port, workers=args.workers)
@@ -539,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-threads", type=positive_int, help="torch threads for inference in the API process")
     p.add_argument("--inference-precision", choices=["fp32", "bf16"], default="fp32",
                    help="served weights: fp32 (= tuneforge generate, token for token) or bf16 (faster)")
+    p.add_argument("--prefix-cache-mb", type=non_negative_int, default=512,
+                   help="MB of shared prompt prefixes' KV cache kept per PyTorch model (LRU; 0: no prefix caching)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="API keys of the fine-tuning service")

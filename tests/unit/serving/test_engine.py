@@ -231,15 +231,15 @@ def test_tiny_top_p_or_temperature_is_greedy_and_a_failed_step_fails_only_its_re
                                set(), col, lambda ids: ""))
         assert col.done.wait(30) and col.reason == "length" and col.ids == greedy
 
-        import tuneforge.serving.engine as engine_module
+        import tuneforge.serving.sampling as sampling
 
-        real = engine_module.sample
-        monkeypatch.setattr(engine_module, "sample", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        real = sampling.sample
+        monkeypatch.setattr(sampling, "sample", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
         bad, bad_c = seq(PROMPTS[1])
         engine.submit(bad)
         assert bad_c.done.wait(30), "a request whose prefill failed was never answered"
         assert bad_c.reason == "error"
-        monkeypatch.setattr(engine_module, "sample", real)
+        monkeypatch.setattr(sampling, "sample", real)
         good, good_c = seq(PROMPTS[0], max_tokens=6)
         engine.submit(good)
         assert good_c.done.wait(30) and good_c.ids == greedy  # the engine kept serving
