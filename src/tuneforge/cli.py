@@ -114,9 +114,12 @@ def cmd_data_validate(args) -> int:
 
 def cmd_data_generate(args) -> int:
     from tuneforge.data.synthetic import write_dataset
+    from tuneforge.data.tool_calls import write_tool_dataset
     from tuneforge.demo_data import write_demo_data
 
-    if args.dataset in ("demo", "chat", "classification"):
+    if args.dataset == "tools":
+        paths = write_tool_dataset(args.out, overwrite=args.overwrite)
+    elif args.dataset in ("demo", "chat", "classification"):
         sizes = {"demo": (160, 40, 20), "chat": (240, 120, 40), "classification": (240, 120, 40)}[args.dataset]
         paths = write_demo_data(args.out, *sizes[:2], n_valid=sizes[2],
                                 task="classification" if args.dataset == "classification" else "chat",
@@ -441,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_data_validate)
     g = dsub.add_parser("generate", help="write a shipped dataset (support tickets) as JSONL")
-    g.add_argument("dataset", choices=["demo", "chat", "classification", "qa", "translation", "ner", "creative", "text"])
+    g.add_argument("dataset", choices=["demo", "chat", "classification", "qa", "translation", "ner", "creative", "text",
+                                       "tools"])
     g.add_argument("--out", required=True, help="folder for train/valid/heldout.jsonl")
     g.add_argument("--overwrite", action="store_true", help="replace train/valid/heldout.jsonl there if they differ")
     g.set_defaults(func=cmd_data_generate)
