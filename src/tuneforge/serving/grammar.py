@@ -29,10 +29,28 @@ from tuneforge.errors import ModelError
 
 CALL_TRIGGER = "<tool_call>"
 CALL_END = "}\n</tool_call>"
+# One character of a JSON string as written: anything but a quote, a backslash or a control character, or an escape.
+JSON_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
 
 
 def call_begin(name: str) -> str:
     return f'{CALL_TRIGGER}\n{{"name": {json.dumps(name)}, "arguments": '
+
+
+def bounded_strings(schema):
+    """`schema` with each length-bounded string (minLength / maxLength, no pattern, format or enum) written as the
+    equivalent pattern over JSON_CHAR: xgrammar 0.2.9's rule for such strings lets raw control characters (a tab,
+    a newline) into them, which no JSON parser reads."""
+    if isinstance(schema, list):
+        return [bounded_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_strings(v) for k, v in schema.items()}
+    if out.get("type") == "string" and ("minLength" in out or "maxLength" in out) \
+            and not {"pattern", "format", "enum", "const"} & set(out):
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^{JSON_CHAR}{{{low},{high}}}$"
+    return out
 
 
 class GrammarError(ValueError):
@@ -91,7 +109,7 @@ class Vocabulary:
 
     def json(self, schema: dict | None, strict: bool = True):
         """A JSON object (json_object: `schema` None) or a value of `schema` (json_schema)."""
-        return self._compile(self.compiler.compile_json_schema, json.dumps(schema or {"type": "object"}),
+        return self._compile(self.compiler.compile_json_schema, json.dumps(bounded_strings(schema or {"type": "object"})),
                              any_whitespace=False, strict_mode=strict)
 
     def tools(self, functions: list[dict], choice: str, parallel: bool = True):
@@ -101,7 +119,7 @@ class Vocabulary:
                                              TriggeredTagsFormat)
 
         tags = [TagFormat(begin=call_begin(f["name"]), end=CALL_END,
-                          content=JSONSchemaFormat(json_schema=f.get("parameters") or {"type": "object"},
+                          content=JSONSchemaFormat(json_schema=bounded_strings(f.get("parameters") or {"type": "object"}),
                                                    max_whitespace_cnt=1))
                 for f in functions]
         if choice == "auto":
