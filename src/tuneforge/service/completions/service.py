@@ -212,6 +212,21 @@ async def _watch_disconnect(request: Request, run: _Run) -> None:
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
 
 
+async def _events(run: _Run, req, body, usage):
+    """A stream's server-sent events: `body`'s, the usage chunk (`usage()`) when asked for, then [DONE]; a
+    failed generation ends it with the error; the rows stop at once when the client goes away."""
+    try:
+        async for event in body:
+            yield event
+        if req.stream_options and req.stream_options.include_usage:
+            yield _sse(usage())
+        yield "data: [DONE]\n\n"
+    except ServerError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    finally:
+        run.cancel()
+
+
 def _sse(obj) -> str:
     return f"data: {obj.model_dump_json(exclude_none=False)}\n\n"
 
@@ -334,7 +349,7 @@ async def _collect(run: _Run, request: Request) -> list[tuple[str, str, list]]:
     return list(zip(texts, reasons, entries))
 
 
-async def _chat_stream(run: _Run, req: ChatCompletionRequest, rid: str, created: int, plan: _ChatPlan, tokens):
+def _chat_stream(run: _Run, req: ChatCompletionRequest, rid: str, created: int, plan: _ChatPlan, tokens):
     head = (f'{{"id":{json.dumps(rid)},"object":"chat.completion.chunk","created":{created},'
             f'"model":{json.dumps(req.model)},')
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -346,7 +361,7 @@ async def _chat_stream(run: _Run, req: ChatCompletionRequest, rid: str, created:
                                         else None, choices=[ChunkChoice(index=index, delta=delta, logprobs=logprobs,
                                                                         finish_reason=finish_reason)]))
 
-    try:
+    async def body():
         for i in range(len(run.seqs)):
             yield chunk(i, Delta(role="assistant", content=""))
         async for index, out in run.outputs():
@@ -365,13 +380,9 @@ async def _chat_stream(run: _Run, req: ChatCompletionRequest, rid: str, created:
             if out.finish_reason:
                 reason = "tool_calls" if called[index] and out.finish_reason == "stop" else out.finish_reason
                 yield chunk(index, Delta(), finish_reason=reason)
-        if req.stream_options and req.stream_options.include_usage:
-            yield _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=run.usage()))
-        yield "data: [DONE]\n\n"
-    except ServerError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
-    finally:
-        run.cancel()  # a client that went away stops its rows at once
+
+    usage = lambda: ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=run.usage())  # noqa: E731
+    return _events(run, req, body(), usage)
 
 
 # ---------------------------------------------------------------------------------------------- completions
@@ -418,10 +429,11 @@ async def complete(ctx: ServiceContext, server: ModelServer, org: Org, req: Comp
                                    usage=run.usage()).model_dump(mode="json"))
 
 
-async def _completion_stream(run: _Run, req: CompletionRequest, rid: str, created: int, echoed: list[str], tokens):
+def _completion_stream(run: _Run, req: CompletionRequest, rid: str, created: int, echoed: list[str], tokens):
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     sent = [None] * len(run.seqs)  # characters of each choice's text sent so far (None: nothing yet)
-    try:
+
+    async def body():
         async for index, out in run.outputs():
             text = out.text if sent[index] is not None else echoed[index] + out.text  # the echo comes first
             entries = (out.prompt_logprobs or []) + out.logprobs
@@ -431,10 +443,6 @@ async def _completion_stream(run: _Run, req: CompletionRequest, rid: str, create
                 yield _sse(Completion(id=rid, created=created, model=req.model, usage=run.usage() if continuous else None,
                                       choices=[CompletionChoice(index=index, text=text, finish_reason=out.finish_reason,
                                                                 logprobs=logprobs)]))
-        if req.stream_options and req.stream_options.include_usage:
-            yield _sse(Completion(id=rid, created=created, model=req.model, choices=[], usage=run.usage()))
-        yield "data: [DONE]\n\n"
-    except ServerError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
-    finally:
-        run.cancel()
+
+    usage = lambda: Completion(id=rid, created=created, model=req.model, choices=[], usage=run.usage())  # noqa: E731
+    return _events(run, req, body(), usage)
