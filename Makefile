@@ -37,7 +37,7 @@ lmeval-venv:
 		$(LMEVAL_VENV)/bin/pip install -q "lm-eval[api]==0.4.13" transformers )
 
 test-clients: setup lmeval-venv
-	$(PY) -m pytest -q -m lmeval tests/service/test_lm_eval.py
+	$(PY) -m pytest -q -m "lmeval or long" tests/service/test_lm_eval.py tests/integration/test_tools_scenario.py
 
 bench: setup
 	$(PY) bench/train_throughput.py

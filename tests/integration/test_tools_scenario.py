@@ -1,4 +1,4 @@
-"""The shipped tool-call scenario end to end on the real SmolLM2 (slow): fine-tuned with examples/tools.yaml's
+"""The shipped tool-call scenario end to end on the real SmolLM2 (opt-in, minutes: `pytest -m long`): fine-tuned with examples/tools.yaml's
 template on `tuneforge data generate tools`, served by `tuneforge serve`, it calls the right function with
 arguments that follow the function's schema, through the openai SDK in strict mode."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_smollm2_fine_tuned_on_the_tool_scenario_calls_the_right_function(smollm2_path, tmp_path):
     import yaml
 
@@ -24,7 +25,7 @@ def test_smollm2_fine_tuned_on_the_tool_scenario_calls_the_right_function(smollm
     spec = yaml.safe_load((ROOT / "examples" / "tools.yaml").read_text())
     spec.update(model=str(smollm2_path), output_dir=str(tmp_path / "run"))
     spec["data"].update(train=str(data["train"]), validation=str(data["valid"]))
-    spec["training"].update(max_steps=30, eval_every=1000, save_every=1000)
+    spec["training"].update(batch_size=4, lr=2e-3, max_steps=40, eval_every=1000, save_every=1000)
     spec.pop("eval")
     api.train(spec, progress=False)
 

@@ -30,8 +30,7 @@ from tuneforge.models.head import output_head
 from tuneforge.serving.base import Engine
 from tuneforge.serving.prefix_cache import PrefixCache
 from tuneforge.serving.sampling import decode_step, prompt_logprobs
-from tuneforge.serving.sequence import (Output, QueueFull, SamplingParams, Sequence, append_token,  # noqa: F401
-                                        finish)
+from tuneforge.serving.sequence import Sequence, finish
 
 log = logging.getLogger("tuneforge.serving")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch

@@ -104,7 +104,7 @@ class Vocabulary:
         with self.lock:
             try:
                 return how(*args, **kw)
-            except (RuntimeError, ValueError, TypeError) as e:
+            except Exception as e:  # noqa: BLE001 — xgrammar raises RuntimeError, ValueError or its FFI's errors
                 raise GrammarError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     def json(self, schema: dict | None, strict: bool = True):
@@ -118,17 +118,20 @@ class Vocabulary:
         from xgrammar.structural_tag import (JSONSchemaFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat,
                                              TriggeredTagsFormat)
 
-        tags = [TagFormat(begin=call_begin(f["name"]), end=CALL_END,
-                          content=JSONSchemaFormat(json_schema=bounded_strings(f.get("parameters") or {"type": "object"}),
-                                                   max_whitespace_cnt=1))
-                for f in functions]
-        if choice == "auto":
-            form = TriggeredTagsFormat(triggers=[CALL_TRIGGER], tags=tags, stop_after_first=not parallel)
-        elif choice == "named":
-            form = tags[0]
-        else:
-            form = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
-        return self._compile(self.compiler.compile_structural_tag, StructuralTag(format=form))
+        def compile_calls():
+            tags = [TagFormat(begin=call_begin(f["name"]), end=CALL_END,
+                              content=JSONSchemaFormat(json_schema=bounded_strings(f.get("parameters") or {"type": "object"}),
+                                                       max_whitespace_cnt=1))
+                    for f in functions]
+            if choice == "auto":
+                form = TriggeredTagsFormat(triggers=[CALL_TRIGGER], tags=tags, stop_after_first=not parallel)
+            elif choice == "named":
+                form = tags[0]
+            else:
+                form = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
+            return self.compiler.compile_structural_tag(StructuralTag(format=form))
+
+        return self._compile(compile_calls)
 
     def token_bytes(self, token: int) -> bytes:
         return self._bytes[token] if token < len(self._bytes) else b""

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tuneforge.serving.adapters import AdapterSet, AdapterSource
-from tuneforge.serving.engine import BatchEngine, QueueFull, SamplingParams, Sequence
+from tuneforge.serving.engine import BatchEngine
+from tuneforge.serving.sequence import QueueFull, SamplingParams, Sequence
 
 TIE = 1e-3  # two best logits closer than this: batched arithmetic may legitimately pick the other
 
