@@ -67,7 +67,8 @@ def _model_server(settings: ServiceSettings):
         torch.set_num_threads(settings.inference_threads)  # process-wide: this is the API process's entry
     return ModelServer(max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                        max_adapters=settings.max_adapters, max_adapter_bytes=settings.max_adapter_bytes,
-                       precision=settings.inference_precision, threads=settings.inference_threads)
+                       precision=settings.inference_precision, threads=settings.inference_threads,
+                       prefix_cache_bytes=settings.prefix_cache_bytes)
 
 
 def app_from_env() -> FastAPI:
