@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.encode import IGNORE_INDEX
-from tuneforge.models.head import output_head  # noqa: F401  (the recipe and the planner's probe import it here)
+from tuneforge.models.head import output_head
 
 CHUNK_TOKENS = 256  # (256, V) fp32 logits at a time: 50 MB for a 49k vocabulary (1024: +240 MB peak, no faster)
 
