@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # The test suite's converted-model cache lives inside the repo (ignored), so CI needs no home dir.
 export TUNEFORGE_CACHE ?= $(CURDIR)/.cache/tuneforge
 
-.PHONY: setup demo test test-fast bench gpu-wheels gpu-check clean
+.PHONY: setup demo test test-fast test-clients lmeval-venv bench gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,16 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests
+
+# Real clients of `tuneforge serve` in their own venv (lm-eval pulls its own torch: never into .venv).
+LMEVAL_VENV := .cache/lmeval-venv
+lmeval-venv:
+	test -x $(LMEVAL_VENV)/bin/lm_eval || ( $(PYTHON) -m venv $(LMEVAL_VENV) && \
+		$(LMEVAL_VENV)/bin/pip install -q torch==2.13.0 && \
+		$(LMEVAL_VENV)/bin/pip install -q "lm-eval[api]==0.4.13" transformers )
+
+test-clients: setup lmeval-venv
+	$(PY) -m pytest -q -m "lmeval or long" tests/service/test_lm_eval.py tests/integration/test_tools_scenario.py
 
 bench: setup
 	$(PY) bench/train_throughput.py

@@ -14,9 +14,16 @@ decode step, and the server used 1.4 of the 2 cores instead of 2.0: 84 instead o
 
 Reported: aggregate decode tokens/s of each side and their ratio; time to first token (TTFT) and the
 per-token interval, p50/p99, at 16 clients; aggregate tokens/s against the number of clients
-(1, 2, 4, 8, 16), plotted to docs/serve_throughput.png.
+(1, 2, 4, 8, 16), plotted. The same 16-client run driven by the openai SDK's `AsyncOpenAI` streaming
+client (`--client openai` or `both`: one event loop, the SDK validating every chunk, as applications use
+it), and one stream alone on the base model (what `tuneforge generate` decodes at). The server keeps
+prefix caching on (`--prefix-cache-mb`, 0 turns it off to compare): every request shares SmolLM2's
+default system prompt.
 
-    .venv/bin/python bench/serve_load.py --out bench/results/serve_load.json
+Results go to a scratch folder (printed) unless asked for; the tracked files are written only with
+
+    .venv/bin/python bench/serve_load.py --client both --out bench/results/serve_load.json \
+        --plot docs/serve_throughput.png
 """
 from __future__ import annotations
 
@@ -77,7 +84,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data: Path, adapters: list[Path], threads: int, precision: str = "fp32") -> tuple[subprocess.Popen, str, str]:
+def start_server(data: Path, adapters: list[Path], threads: int, precision: str = "fp32", base: Path | None = None,
+                 prefix_cache_mb: int = 512) -> tuple[subprocess.Popen, str, str]:
     import httpx
 
     from tuneforge.service.auth import create_key
@@ -90,7 +98,8 @@ def start_server(data: Path, adapters: list[Path], threads: int, precision: str 
     port = free_port()
     cmd = [sys.executable, "-m", "tuneforge.cli", "serve", "--data-dir", str(data), "--port", str(port),
            "--workers", "0", "--inference-threads", str(threads), "--max-batch", "16", "--max-queue", "64",
-           "--inference-precision", precision,
+           "--inference-precision", precision, "--prefix-cache-mb", str(prefix_cache_mb),
+           *(["--base-model", f"base={base}"] if base else []),
            *[a for i, f in enumerate(adapters) for a in ("--adapter", f"a{i}={f}")]]
     proc = subprocess.Popen(cmd, env=SERVER_ENV, stdout=LOG, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -149,6 +158,41 @@ def load_test(url: str, key: str, clients: int, tokens: int) -> dict:
     ttfts = [r["ttft"] for r in results]
     return {"clients": clients, "tokens": total, "seconds": wall, "tokens_per_second": total / wall,
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+            "token_interval_p50": percentile(intervals, 50), "token_interval_p99": percentile(intervals, 99)}
+
+
+def openai_load_test(url: str, key: str, clients: int, tokens: int, models: list[str] | None = None) -> dict:
+    """The same streams from one AsyncOpenAI client: TTFT is the first content delta, tokens are the usage's."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    async def one(client, model: str, prompt: str) -> dict:
+        start, stamps, completion_tokens = time.perf_counter(), [], 0
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0,
+            stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                stamps.append(time.perf_counter())
+            if chunk.usage:
+                completion_tokens = chunk.usage.completion_tokens
+        return {"ttft": stamps[0] - start if stamps else float("nan"), "tokens": completion_tokens,
+                "intervals": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+    async def run() -> tuple[list[dict], float]:
+        async with AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=600) as client:
+            t0 = time.perf_counter()
+            names = models or ["a0", "a1", "a2", "a3"]  # spread over the adapters, as the bench's own clients
+            results = await asyncio.gather(*[one(client, names[i % len(names)], PROMPTS[i % len(PROMPTS)])
+                                             for i in range(clients)])
+            return results, time.perf_counter() - t0
+
+    results, wall = asyncio.run(run())
+    total = sum(r["tokens"] for r in results)
+    ttfts, intervals = [r["ttft"] for r in results], [x for r in results for x in r["intervals"]]
+    return {"client": "AsyncOpenAI", "clients": clients, "tokens": total, "seconds": wall,
+            "tokens_per_second": total / wall, "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
             "token_interval_p50": percentile(intervals, 50), "token_interval_p99": percentile(intervals, 99)}
 
 
@@ -211,22 +255,35 @@ def main() -> None:
     ap.add_argument("--server-threads", type=int, default=2, help="torch threads of the server (--inference-threads)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the server's --inference-precision")
     ap.add_argument("--skip-peer", type=float, help="reuse this peer figure (tokens/s) instead of measuring it")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
-    ap.add_argument("--plot", default=str(ROOT / "docs" / "serve_throughput.png"))
+    ap.add_argument("--client", choices=["httpx", "openai", "both"], default="httpx",
+                    help="who drives the 16-client run: the bench's own threads (httpx), AsyncOpenAI, or both")
+    ap.add_argument("--prefix-cache-mb", type=int, default=512, help="the server's --prefix-cache-mb (0: off)")
+    ap.add_argument("--out", help="result JSON (default: a scratch folder; bench/results/serve_load.json is tracked)")
+    ap.add_argument("--plot", help="throughput plot (default: a scratch folder; docs/serve_throughput.png is tracked)")
     args = ap.parse_args()
     from tuneforge.models import resolve_model
 
     base = resolve_model("smollm2-135m-instruct")
     work = Path(tempfile.mkdtemp(prefix="tf-serve-load-"))
+    args.out = args.out or str(work / "serve_load.json")
+    args.plot = args.plot or str(work / "serve_throughput.png")
     adapters = make_adapters(base, work)
     print("peer: one request at a time ...", file=sys.stderr)
     peer = (baseline(base, adapters, args.clients, args.tokens, args.threads) if args.skip_peer is None else
             {"clients": args.clients, "tokens_per_second": args.skip_peer, "reused": True})
     print(f"  {peer['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
-    proc, url, key = start_server(work / "data", adapters, args.server_threads, args.precision)
+    proc, url, key = start_server(work / "data", adapters, args.server_threads, args.precision, base=base,
+                                  prefix_cache_mb=args.prefix_cache_mb)
+    openai_run = alone = None
     try:
         load_test(url, key, 4, 8)  # warm-up: loads the base and the 4 adapters
-        main_run = load_test(url, key, args.clients, args.tokens)
+        if args.client in ("openai", "both"):
+            alone = openai_load_test(url, key, 1, args.tokens, models=["base"])
+            print(f"one AsyncOpenAI stream alone on the base: {alone['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
+            openai_run = openai_load_test(url, key, args.clients, args.tokens)
+            print(f"serve, {args.clients} AsyncOpenAI streams: {openai_run['tokens_per_second']:.1f} tokens/s, "
+                  f"TTFT p50 {openai_run['ttft_p50']:.2f} s p99 {openai_run['ttft_p99']:.2f} s", file=sys.stderr)
+        main_run = load_test(url, key, args.clients, args.tokens) if args.client != "openai" else openai_run
         print(f"serve, {args.clients} clients: {main_run['tokens_per_second']:.1f} tokens/s, "
               f"TTFT p50 {main_run['ttft_p50']:.2f} s p99 {main_run['ttft_p99']:.2f} s", file=sys.stderr)
         sweep = []
@@ -237,12 +294,16 @@ def main() -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     plot(sweep, peer["tokens_per_second"], Path(args.plot))
-    result = {"model": "smollm2-135m-instruct", "adapters": 4, "tokens_per_request": args.tokens, "threads": args.threads, "server_threads": args.server_threads, "precision": args.precision,
-              "peer_one_at_a_time": peer, "serve": main_run, "speedup": main_run["tokens_per_second"] /
-              peer["tokens_per_second"], "sweep": sweep, "plot": args.plot}
+    result = {"model": "smollm2-135m-instruct", "adapters": 4, "tokens_per_request": args.tokens,
+              "threads": args.threads, "server_threads": args.server_threads, "precision": args.precision,
+              "prefix_cache_mb": args.prefix_cache_mb, "peer_one_at_a_time": peer, "serve": main_run,
+              "speedup": main_run["tokens_per_second"] / peer["tokens_per_second"], "ttft_p99": main_run["ttft_p99"],
+              "serve_async_openai": openai_run, "one_stream_alone_async_openai": alone, "sweep": sweep,
+              "plot": args.plot}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "sweep"}, indent=2))
+    print(f"written: {args.out}, {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,22 @@ CHAT_RECORDS = [
 ]
 
 
+OPT_IN = ("lmeval", "long")  # marks whose tests run only when `-m` names them
+
+
+def pytest_collection_modifyitems(config, items):
+    """Opt-in marks: lmeval (a real client in its own venv) and long (minutes of training) run only when `-m`
+    names them (`make test-clients` runs both)."""
+    asked = config.option.markexpr or ""
+    for mark in OPT_IN:
+        if mark in asked:
+            continue
+        skip = pytest.mark.skip(reason=f"opt-in: pytest -m {mark} (make test-clients)")
+        for item in items:
+            if mark in item.keywords:
+                item.add_marker(skip)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path

@@ -62,9 +62,12 @@ def cmd_data_validate(args) -> int:
 
 def cmd_data_generate(args) -> int:
     from tuneforge.data.synthetic import write_dataset
+    from tuneforge.data.tool_calls import write_tool_dataset
     from tuneforge.demo_data import write_demo_data
 
-    if args.dataset in ("demo", "chat", "classification"):
+    if args.dataset == "tools":
+        paths = write_tool_dataset(args.out, overwrite=args.overwrite)
+    elif args.dataset in ("demo", "chat", "classification"):
         sizes = {"demo": (160, 40, 20), "chat": (240, 120, 40), "classification": (240, 120, 40)}[args.dataset]
         paths = write_demo_data(args.out, *sizes[:2], n_valid=sizes[2],
                                 task="classification" if args.dataset == "classification" else "chat",
@@ -280,6 +283,7 @@ def _number(kind, low: float, what: str, high: float | None = None):
 
 positive_int = _number(int, 1, "a whole number of at least 1")
 non_negative_float = _number(float, 0.0, "0 or more")
+non_negative_int = _number(int, 0, "a whole number, 0 or more")
 port_number = _number(int, 1, "a TCP port, 1-65535", high=65535)
 
 
@@ -324,6 +328,7 @@ def cmd_serve(args) -> int:
         "max_waiting": args.max_queue, "max_adapters": args.max_adapters,
         "max_adapter_bytes": args.max_adapter_mb * 2**20, "inference_threads": args.inference_threads,
         "inference_precision": args.inference_precision, "shutdown_grace_seconds": args.shutdown_grace_seconds,
+        "prefix_cache_bytes": args.prefix_cache_mb * 2**20,
         "max_job_ranks": args.max_job_ranks, "max_job_tokens": args.max_job_tokens,
         "max_running_jobs_per_org": args.max_running_jobs_per_org})
     return serve(settings, host=args.host, port=args.port, workers=args.workers)
@@ -387,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_data_validate)
     g = dsub.add_parser("generate", help="write a shipped dataset (support tickets) as JSONL")
-    g.add_argument("dataset", choices=["demo", "chat", "classification", "qa", "translation", "ner", "creative", "text"])
+    g.add_argument("dataset", choices=["demo", "chat", "classification", "qa", "translation", "ner", "creative", "text",
+                                       "tools"])
     g.add_argument("--out", required=True, help="folder for train/valid/heldout.jsonl")
     g.add_argument("--overwrite", action="store_true", help="replace train/valid/heldout.jsonl there if they differ")
     g.set_defaults(func=cmd_data_generate)
@@ -487,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-threads", type=positive_int, help="torch threads for inference in the API process")
     p.add_argument("--inference-precision", choices=["fp32", "bf16"], default="fp32",
                    help="served weights: fp32 (= tuneforge generate, token for token) or bf16 (faster)")
+    p.add_argument("--prefix-cache-mb", type=non_negative_int, default=512,
+                   help="MB of shared prompt prefixes' KV cache kept per PyTorch model (LRU; 0: no prefix caching)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="API keys of the fine-tuning service")

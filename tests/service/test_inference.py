@@ -153,7 +153,7 @@ def test_dora_ia3_served_merged_and_prompt_tuning_refused(server, runs, service_
 
 def test_unsupported_parameters_are_refused(server):
     client = server.client()
-    for kw, param in (({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    for kw, param in (({"logit_bias": {"1": 5}}, "logit_bias"), ({"presence_penalty": 0.5}, "presence_penalty"),
                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                       ({"n": 9}, "n"), ({"temperature": 3}, "temperature")):
         with pytest.raises(openai.BadRequestError) as e:

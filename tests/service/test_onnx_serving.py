@@ -118,9 +118,11 @@ def test_unknown_models_and_bad_requests_get_the_usual_errors(server):
         with pytest.raises(openai.NotFoundError) as e:
             chat(client, model, "hi")
         assert e.value.body["param"] == "model" and e.value.body["code"] == "not_found", e.value.body
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(client, "lo:chat", "hi", logprobs=True)
-    assert e.value.body["param"] == "logprobs"
+    reply = chat(client, "lo:chat", "hi", logprobs=True, top_logprobs=2, max_tokens=3)  # sampled tokens: any engine
+    assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as e:  # prompt log-probabilities: GenAI gives the last position's only
+        client.completions.create(model="lo:chat", prompt="hi", echo=True, logprobs=1, max_tokens=1)
+    assert e.value.body["param"] == "echo"
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, "m", "hi", max_tokens=100_000)
     assert e.value.body["code"] == "context_length_exceeded"

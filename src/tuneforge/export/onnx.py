@@ -42,7 +42,8 @@ BUILDER_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mis
                          "Phi3ForCausalLM": "phi3"}
 
 
-def _require_runtime() -> None:
+def require_runtime() -> None:
+    """ExportError naming the packages to install unless ONNX Runtime GenAI and its helpers import."""
     for module, package in (("onnxruntime_genai", "onnxruntime-genai"), ("onnx", "onnx"), ("onnx_ir", "onnx-ir"),
                             ("onnxruntime", "onnxruntime")):
         try:
@@ -57,7 +58,7 @@ class OnnxRunner:
     and switched with `use` (one model in memory, adapters hot-swapped per generator)."""
 
     def __init__(self, folder: str | Path, *, threads: int | None = None, adapter_file: str | Path | None = None):
-        _require_runtime()
+        require_runtime()
         import onnxruntime_genai as og
 
         self.og = og
@@ -235,7 +236,7 @@ def fix_config_for_builder(folder: Path) -> None:
 def build(hf_dir: Path, out_dir: Path, precision: str, extra_options: dict[str, str] | None = None,
           cache_dir: Path | None = None) -> float:
     """Run onnxruntime-genai's model builder on a transformers folder; returns its wall time in seconds."""
-    _require_runtime()
+    require_runtime()
     options = [f"{k}={v}" for k, v in (extra_options or {}).items()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
@@ -306,7 +307,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", *
     gated on equivalence with the PyTorch model (see `gates`). Returns the record written to export.json;
     raises GateFailed (exit code 3) when a gate fails."""
     started = time.perf_counter()
-    _require_runtime()  # fail early, before the model loads
+    require_runtime()  # fail early, before the model loads
     check_args(precision, max_new_tokens, prompts, loss_tolerance)
     run, out = Path(run_dir), files.expand(out)
     check_out_folder(out, run)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 

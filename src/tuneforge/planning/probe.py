@@ -235,7 +235,8 @@ def probe_point(config, shape: RunShape, layers: int, rows: int, seq_len: int, r
     from tuneforge.distributed import ForwardLoss, SingleDevice
     from tuneforge.hardware import grad_scaler
     from tuneforge.training import recipe
-    from tuneforge.training.loss import count_targets, loss_fn_for, output_head
+    from tuneforge.models.head import output_head
+    from tuneforge.training.loss import count_targets, loss_fn_for
 
     device = torch.device(shape.device)
     release_free_memory()

@@ -14,9 +14,11 @@ from tuneforge.service.settings import ServiceSettings
 
 def create_app(settings: ServiceSettings, ctx: ServiceContext | None = None) -> FastAPI:
     from tuneforge.service.completions.router import router as completions_router
+    from tuneforge.service.extensions.router import router as extensions_router
     from tuneforge.service.files.router import router as files_router
     from tuneforge.service.jobs.router import router as jobs_router
     from tuneforge.service.models.router import router as models_router
+    from tuneforge.service.web.router import router as web_router
 
     ctx = ctx or ServiceContext.open(settings)
 
@@ -33,8 +35,9 @@ def create_app(settings: ServiceSettings, ctx: ServiceContext | None = None) -> 
     app.state.pepper = settings.pepper()
     install_error_handlers(app)
     app.add_middleware(BodyLimits)  # every JSON body bounded in size and depth before a handler parses it
-    for router in (files_router, jobs_router, models_router, completions_router):
+    for router in (files_router, jobs_router, models_router, completions_router, extensions_router):
         app.include_router(router)
+    app.include_router(web_router)  # the dashboard: pages and assets at /, calling the routers above
     app.state.models = _model_server(settings)
 
     @app.get("/health", include_in_schema=False)
@@ -64,7 +67,8 @@ def _model_server(settings: ServiceSettings):
         torch.set_num_threads(settings.inference_threads)  # process-wide: this is the API process's entry
     return ModelServer(max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                        max_adapters=settings.max_adapters, max_adapter_bytes=settings.max_adapter_bytes,
-                       precision=settings.inference_precision, threads=settings.inference_threads)
+                       precision=settings.inference_precision, threads=settings.inference_threads,
+                       prefix_cache_bytes=settings.prefix_cache_bytes)
 
 
 def app_from_env() -> FastAPI:

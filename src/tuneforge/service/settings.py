@@ -42,6 +42,8 @@ class ServiceSettings(BaseModel):
     max_adapters: int = Field(8, ge=1, description="LoRA adapters loaded per base model (LRU beyond).")
     max_adapter_bytes: int = Field(2 * 2**30, ge=1, description="Bytes of LoRA adapters loaded per base model.")
     inference_threads: int | None = Field(None, ge=1, description="torch threads of the API process (inference).")
+    prefix_cache_bytes: int = Field(512 * 2**20, ge=0, description="Bytes of prompt-prefix KV cache kept per loaded "
+                                    "PyTorch model (automatic prefix caching, LRU beyond; 0: off).")
     inference_precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Weights of served models: fp32 (what `tuneforge generate` computes, token for token) "
         "or bf16 (faster, most on CPUs with AVX512-BF16/AMX; greedy output may differ at near-ties).")

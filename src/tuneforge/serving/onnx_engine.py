@@ -1,6 +1,6 @@
-"""ONNX exports (`tuneforge export onnx`) served through the interface the HTTP layer uses for BatchEngine:
-`submit(*Sequence)` (QueueFull beyond `max_waiting`), `Output`s through each sequence's `emit`, `load()`,
-`stop()`, `context_length` (the queue: engine.WaitingQueue), and `adapters.register(name, source)`.
+"""ONNX exports (`tuneforge export onnx`) served through the engine interface (serving/base.py) that
+BatchEngine implements too: `submit(*Sequence)`, `load()`, `stop()`, `context_length`, `vocab_size`, and
+`adapters.register(name, source)`.
 
     tuneforge serve --adapter chat=exports/chat-int4          # a merged export: model `chat`
     tuneforge serve --adapter lora=exports/smollm2-lora       # an adapters export: `lora:base`, `lora:NAME`...
@@ -12,10 +12,12 @@ token in turn. So concurrent requests stream side by side and fairly, but the to
 are those of one sequence; same-adapter batching would need prompts padded to one length, which GenAI's
 generator does not take.
 
-Sampling is tuneforge's own (`engine.sample` on GenAI's last-position logits, then `append_tokens` of the
-chosen token), not GenAI's search: temperature 0 is greedy (the tokens of `tuneforge generate --engine
-onnx`), and temperature, top_p and seed mean exactly what they mean for PyTorch-served models (GenAI's
-sampler would add its own top_k). Stop tokens, stop strings and max_tokens are handled as in BatchEngine.
+Sampling is tuneforge's own (`sampling.decode_step` on GenAI's last-position logits, then `append_tokens` of
+the chosen token), not GenAI's search: temperature 0 is greedy (the tokens of `tuneforge generate --engine
+onnx`), and temperature, top_p, seed, grammars (response_format, tools), min_tokens, ignore_eos and
+log-probabilities mean exactly what they mean for PyTorch-served models (GenAI's sampler would add its own
+top_k). Stop tokens, stop strings and max_tokens are handled as in BatchEngine. GenAI gives the logits of the
+last position only, so prompts are not scored (no echo with logprobs), and there is no prefix caching.
 An adapters export keeps every adapter it was asked for loaded (they are small: LoRA matrices only);
 `--max-adapters`, `--max-adapter-mb` and `--inference-precision` apply to PyTorch models only.
 """
@@ -28,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.errors import ModelError
-from tuneforge.serving.engine import Sequence, WaitingQueue, append_token, finish, sample
+from tuneforge.serving.base import Engine
+from tuneforge.serving.sampling import decode_step
+from tuneforge.serving.sequence import Sequence, finish
 
 log = logging.getLogger("tuneforge.serving")
 SERVED_FORMATS = ("onnx", "onnx-adapters")
@@ -70,10 +74,10 @@ def read_export(folder: Path) -> dict:
 def check_export(folder: Path) -> dict:
     """Everything about `folder` that can be checked before the first request: export.json, the adapter
     files, ONNX Runtime GenAI installed and genai_config.json readable by it."""
-    from tuneforge.export.onnx import _require_runtime
+    from tuneforge.export.onnx import require_runtime
 
     record = read_export(folder)
-    _require_runtime()
+    require_runtime()
     import onnxruntime_genai as og
 
     try:
@@ -124,18 +128,20 @@ class OnnxAdapters:
         log.info("loaded ONNX adapter %s from %s", name, path)
 
 
-class OnnxEngine:
+class OnnxEngine(Engine):
     """Decodes every submitted Sequence of one ONNX export, one generator per sequence (module docstring)."""
 
     def __init__(self, folder: Path, *, threads: int | None = None, max_batch: int = 16, max_waiting: int = 64,
                  name: str = "onnx"):
         from tuneforge.export.onnx import OnnxRunner
 
+        super().__init__(name=name, max_batch=max_batch, max_waiting=max_waiting)
         self.folder = Path(folder)
         self.record = read_export(self.folder)
         self.runner = OnnxRunner(self.folder, threads=threads)
-        config = json.loads((self.folder / "genai_config.json").read_text())
-        self.context_length = int(config["model"].get("context_length") or 10**9)
+        config = json.loads((self.folder / "genai_config.json").read_text())["model"]
+        self._context_length = int(config.get("context_length") or 10**9)
+        self._vocab_size = int(config["vocab_size"])
         self.adapters = OnnxAdapters()
         # an adapters export's graph takes LoRA inputs: some adapter must always be active (base = rank 0)
         self.default_adapter = "base" if self.record["format"] == "onnx-adapters" else None
@@ -144,47 +150,32 @@ class OnnxEngine:
 
             file = self.folder / self.record["adapters"][self.default_adapter]["file"]
             self.adapters.register(self.default_adapter, AdapterSource(weights=file))
-        self.max_batch, self.name = max_batch, name
-        self.waiting = WaitingQueue(max_waiting)
-        self.rows: list[_Row] = []
-        self.thread = threading.Thread(target=self._loop, name=f"onnx-engine-{name}", daemon=True)
+        self._rows: list[_Row] = []
         self.thread.start()
 
-    # ---------------------------------------------------------------- API (any thread)
+    @property
+    def context_length(self) -> int:
+        return self._context_length
 
-    def submit(self, *seqs: Sequence) -> None:
-        """Queue the sequences of one request (all or none; QueueFull when too many wait)."""
-        self.waiting.submit(seqs)
-
-    def load(self) -> dict:
-        return {"active": len(self.rows), "waiting": len(self.waiting)}
-
-    def stop(self) -> None:
-        self.waiting.stop()
-        self.thread.join(timeout=10)
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     # ---------------------------------------------------------------- the engine thread
 
-    def _loop(self) -> None:
-        while self.waiting.wait(busy=bool(self.rows)):
-            self._admit()
-            for row in list(self.rows):
-                if row.seq.finish_reason is None and not row.seq.cancelled:
-                    self._step(row, first=False)
-            self._drop_done()
+    def rows(self) -> list[Sequence]:
+        return [row.seq for row in self._rows]
 
-    def _admit(self) -> None:
-        while len(self.rows) < self.max_batch:
-            seq = self.waiting.pop()
-            if seq is None:
-                return
-            if seq.cancelled:
-                continue
+    def _keep(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]  # one assignment: load() on another thread sees old or new
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
             try:
                 adapter = seq.adapter or self.default_adapter
                 if adapter is not None:
                     self.adapters.ensure(self.runner, adapter)
-                max_length = min(self.context_length, len(seq.prompt_ids) + seq.params.max_tokens)
+                max_length = min(self.context_length, len(seq.prompt_ids) + max(seq.params.max_tokens, 1))
                 row = _Row(seq, self.runner.generator(max_length, adapter=adapter))
             except Exception as e:  # noqa: BLE001 — an adapter or generator that fails, fails its request only
                 log.exception("engine %s could not start a sequence", self.name)
@@ -194,11 +185,19 @@ class OnnxEngine:
                 import torch
 
                 seq.generator = torch.Generator().manual_seed(seq.params.seed % 2**64)
-            self.rows.append(row)
-            self._step(row, first=True)
+            self._rows.append(row)
+            if seq.params.max_tokens == 0:
+                finish(seq, "length")
+            else:
+                self._advance(row, first=True)
 
-    def _step(self, row: _Row, first: bool) -> None:
-        """Feed the row's prompt (first) or its last token, then sample the next token from the logits."""
+    def _step(self) -> None:
+        for row in list(self._rows):
+            if row.seq.finish_reason is None and not row.seq.cancelled:
+                self._advance(row, first=False)
+
+    def _advance(self, row: _Row, first: bool) -> None:
+        """Feed the row's prompt (first) or its last token, then choose the next token from the logits."""
         import numpy as np
         import torch
 
@@ -206,16 +205,7 @@ class OnnxEngine:
         try:
             row.generator.append_tokens(seq.prompt_ids if first else [seq.out_ids[-1]])
             logits = torch.from_numpy(np.asarray(row.generator.get_logits(), dtype=np.float32).reshape(-1))  # (V,)
-            append_token(seq, sample(logits, seq.params, seq.generator))
+            decode_step(seq, logits)
         except Exception as e:  # noqa: BLE001 — fail this request, keep serving the others
             log.exception("engine %s failed a step", self.name)
             finish(seq, "error", error=str(e))
-
-    def _drop_done(self) -> None:
-        keep = []
-        for row in self.rows:
-            if row.seq.cancelled and row.seq.finish_reason is None:
-                row.seq.finish_reason = "cancelled"  # its client went away: nothing to emit
-            if row.seq.finish_reason is None:
-                keep.append(row)
-        self.rows = keep  # one assignment: load() on another thread sees the old list or the new one

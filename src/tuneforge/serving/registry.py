@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tuneforge.errors import ModelError
 from tuneforge.serving.adapters import AdapterSet, AdapterSource
+from tuneforge.serving.base import Engine
 from tuneforge.serving.engine import BatchEngine
 from tuneforge.serving.onnx_engine import OnnxEngine, is_export, read_export, served_names
 from tuneforge.training.run_dir import RunDir
@@ -150,15 +151,18 @@ class ModelServer:
     """Loaded engines by key, created on first use; tokenizers by folder."""
 
     def __init__(self, *, max_batch: int = 16, max_waiting: int = 64, max_adapters: int = 8,
-                 max_adapter_bytes: int = 2 * 2**30, precision: str = "fp32", threads: int | None = None):
+                 max_adapter_bytes: int = 2 * 2**30, precision: str = "fp32", threads: int | None = None,
+                 prefix_cache_bytes: int = 0):
         self.max_batch, self.max_waiting, self.precision = max_batch, max_waiting, precision
+        self.prefix_cache_bytes = prefix_cache_bytes  # per PyTorch engine; 0: no prefix caching
         self.threads = threads  # ONNX Runtime's intra-op threads per ONNX engine (None: its default)
         self.max_adapters, self.max_adapter_bytes = max_adapters, max_adapter_bytes
-        self.engines: dict[tuple, BatchEngine | OnnxEngine] = {}
+        self.engines: dict[tuple, Engine] = {}
         self.tokenizers: dict[str, object] = {}
+        self.vocabularies: dict[str, object] = {}
         self.lock = threading.Lock()
 
-    def engine(self, target: Target) -> BatchEngine | OnnxEngine:
+    def engine(self, target: Target) -> Engine:
         with self.lock:
             engine = self.engines.get(target.engine_key)
             if engine is None:
@@ -167,7 +171,7 @@ class ModelServer:
             engine.adapters.register(target.adapter, target.source)
         return engine
 
-    def _start(self, target: Target) -> BatchEngine | OnnxEngine:
+    def _start(self, target: Target) -> Engine:
         import torch
 
         from tuneforge.models import load_model
@@ -187,7 +191,7 @@ class ModelServer:
         if target.merge_adapter is None and target.engine_key[0] == "base":
             adapters = AdapterSet(model, max_adapters=self.max_adapters, max_bytes=self.max_adapter_bytes)
         return BatchEngine(model, adapters=adapters, max_batch=self.max_batch, max_waiting=self.max_waiting,
-                           name=str(target.engine_key[1]))
+                           name=str(target.engine_key[1]), prefix_cache_bytes=self.prefix_cache_bytes)
 
     def tokenizer(self, target: Target):
         from tuneforge.models import load_tokenizer
@@ -197,6 +201,18 @@ class ModelServer:
             if folder not in self.tokenizers:
                 self.tokenizers[folder] = load_tokenizer(Path(folder))
             return self.tokenizers[folder]
+
+    def vocabulary(self, target: Target):
+        """serving.grammar.Vocabulary of the target's tokenizer over its engine's logits (grammars, token bytes)."""
+        from tuneforge.inference import stop_ids
+        from tuneforge.serving.grammar import Vocabulary
+
+        tok, engine = self.tokenizer(target), self.engine(target)
+        key = f"{target.tokenizer_dir or target.model_dir}|{engine.vocab_size}"
+        with self.lock:
+            if key not in self.vocabularies:
+                self.vocabularies[key] = Vocabulary(tok, engine.vocab_size, stop_ids(tok))
+            return self.vocabularies[key]
 
     def stop(self) -> None:
         for engine in self.engines.values():

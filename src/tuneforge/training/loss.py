@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.encode import IGNORE_INDEX
+from tuneforge.models.head import output_head
 
 CHUNK_TOKENS = 256  # (256, V) fp32 logits at a time: 50 MB for a 49k vocabulary (1024: +240 MB peak, no faster)
 
@@ -83,21 +84,6 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: tor
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets, dtype, chunk)
-
-
-def output_head(model):
-    """(decoder, head) when the fast path applies: a plain bias-free linear head, no virtual tokens."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    peft_config = getattr(model, "peft_config", {}).get("default")
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return None
-    head = base.get_output_embeddings()
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if decoder is None or type(head) is not torch.nn.Linear or head.bias is not None:
-        return None
-    if getattr(base.config, "final_logit_softcapping", None):
-        return None
-    return decoder, head
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

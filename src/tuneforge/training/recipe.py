@@ -50,7 +50,8 @@ from tuneforge.training import checkpoint as ckpt
 from tuneforge.training.allocator import release_free_memory
 from tuneforge.training.events import EventHandler, RunEvent, RunSummary, StopRequest
 from tuneforge.training.kernels import Kernels, effective_dropout, install_kernels, resolve_kernels
-from tuneforge.training.loss import count_targets, dataset_loss, loss_fn_for, output_head
+from tuneforge.models.head import output_head
+from tuneforge.training.loss import count_targets, dataset_loss, loss_fn_for
 from tuneforge.training.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
 from tuneforge.training.run_dir import EVAL_ACCURACY, EVAL_LOSS, TRAIN_ACCURACY, TRAIN_LOSS, RunDir
 
