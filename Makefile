@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # The test suite's converted-model cache lives inside the repo (ignored), so CI needs no home dir.
 export TUNEFORGE_CACHE ?= $(CURDIR)/.cache/tuneforge
 
-.PHONY: setup demo test test-fast test-clients lmeval-venv bench gpu-wheels gpu-check clean
+.PHONY: setup demo test test-all test-fast test-clients lmeval-venv bench gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+# Everything, the opt-in marks too (long: minutes of SmolLM2 training and planner-accuracy runs; lmeval: a real
+# lm-evaluation-harness client, in its own venv).
+test-all: setup lmeval-venv
+	$(PY) -m pytest -q -n 2 --durations=15 -m "long or lmeval or not (long or lmeval)" tests
 
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests

@@ -31,13 +31,13 @@ OPT_IN = ("lmeval", "long")  # marks whose tests run only when `-m` names them
 
 
 def pytest_collection_modifyitems(config, items):
-    """Opt-in marks: lmeval (a real client in its own venv) and long (minutes of training) run only when `-m`
-    names them (`make test-clients` runs both)."""
+    """Opt-in marks: lmeval (a real client in its own venv) and long (minutes of training or measuring) run only
+    when `-m` names them (`make test-all` runs everything; `make test-clients` the real clients)."""
     asked = config.option.markexpr or ""
     for mark in OPT_IN:
         if mark in asked:
             continue
-        skip = pytest.mark.skip(reason=f"opt-in: pytest -m {mark} (make test-clients)")
+        skip = pytest.mark.skip(reason=f"opt-in: pytest -m {mark} (make test-all)")
         for item in items:
             if mark in item.keywords:
                 item.add_marker(skip)

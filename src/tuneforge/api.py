@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tuneforge import files
@@ -78,7 +79,8 @@ def train(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str
     if predicted is not None and not result.already_finished:
         result.predicted_peak_mb = predicted
         _record_prediction(Path(result.output_dir), predicted)
-    if result.status == "succeeded" and not result.already_finished and job.eval and job.eval.before_after:
+    if (result.status == "succeeded" and not result.already_finished and job.eval and job.eval.before_after
+            and os.environ.get("RANK", "0") == "0"):  # under torchrun every rank calls this: one report, the main's
         result.report = str(report(result.output_dir, progress=progress and on_event is None))
     return result
 

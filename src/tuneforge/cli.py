@@ -7,6 +7,7 @@ try:  # a Ctrl-C while the command is still starting up: exit quietly, as later 
     import argparse
     import json
     import logging
+    import os
     import signal
 
     from tuneforge.process import quiet_libraries, stop_on_signals
@@ -34,7 +35,7 @@ def cmd_train(args) -> int:
         return 143 if stop.reason == "SIGTERM" else 130
     finally:
         console.close()  # an error message must not land inside the progress bar
-    if args.json:
+    if args.json and os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this: the main rank's
         print(summary.model_dump_json(indent=2))
     elif summary.report:
         print(f"before/after report: {summary.report}", file=sys.stderr)
