@@ -33,6 +33,18 @@ def _job_port(rank: int, index: int, results: str) -> int:
     return int(path.read_text())
 
 
+def _all_here(rank: int, world: int, index: int, results: str) -> None:
+    """Every rank starts job `index` only when all have finished the one before. Without it, a job that failed on
+    one rank early (say, its rendezvous port taken by another test's server in the meantime) and on the other
+    only at the collective timeout put the ranks one job apart for good: every later job then timed out too."""
+    Path(results, f"ready-{index:04d}-{rank}").touch()
+    deadline = time.time() + 300
+    while not all(Path(results, f"ready-{index:04d}-{r}").exists() for r in range(world)):
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {rank}: the other ranks never reached job {index}")
+        time.sleep(0.01)
+
+
 def _rank_main(rank: int, world: int, jobs: list[dict], results: str) -> None:
     import torch
 
@@ -44,6 +56,7 @@ def _rank_main(rank: int, world: int, jobs: list[dict], results: str) -> None:
 
     out = {}
     for index, job in enumerate(jobs):
+        _all_here(rank, world, index, results)
         os.environ["MASTER_PORT"] = str(_job_port(rank, index, results))
         name, kwargs, call = job.pop("_name"), job.pop("_train", {"overwrite": True}), job.pop("_call", None)
         started = time.perf_counter()

@@ -132,14 +132,21 @@ def test_mixed_adapters_in_one_batch_match_their_solo_runs(llama, adapters):
         same_or_tied(got, want, logits)
 
 
+def wait_until(condition, what: str, seconds: float = 60) -> None:
+    """Poll `condition` until it holds; fail (never hang) after `seconds`."""
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.005)
+
+
 def test_rows_join_and_leave_mid_decode(llama):
     model = load(llama)
     engine = BatchEngine(model, name="t")
     try:
         long_seq, long_c = seq(PROMPTS[2], max_tokens=60)
         engine.submit(long_seq)
-        while len(long_seq.out_ids) < 5:
-            time.sleep(0.005)
+        wait_until(lambda: len(long_seq.out_ids) >= 5, "the long row's first 5 tokens")
         short = []
         for prompt in PROMPTS[:2]:  # join while the first is decoding; finish (leave) before it
             s, c = seq(prompt, max_tokens=6)
@@ -179,8 +186,7 @@ def test_cancelled_rows_free_their_slot_and_a_full_queue_refuses(llama):
     try:
         hog, hog_c = seq(PROMPTS[0], max_tokens=100_000)
         engine.submit(hog)
-        while not hog.out_ids:
-            time.sleep(0.005)
+        wait_until(lambda: hog.out_ids, "the hog's first token")
         waiting, waiting_c = seq(PROMPTS[1], max_tokens=4)
         engine.submit(waiting)
         with pytest.raises(QueueFull):
