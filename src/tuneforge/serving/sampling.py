@@ -73,13 +73,16 @@ def _entry(token: int, logp: torch.Tensor, k: int) -> TokenLogprob:
 def decode_step(seq: Sequence, logits: torch.Tensor) -> None:
     """Choose the sequence's next token from its logits (V,) and append it (engine thread)."""
     logits = constrain(seq, logits)
+    if seq.constraint is not None and seq.constraint.error:  # a limit of the grammar engine, hit mid-output
+        finish(seq, "error", error=f"the grammar could not go on: {seq.constraint.error}")
+        return
     params = seq.params
     logp = log_distribution(logits, params) if params.logprobs is not None or params.temperature > 0 else None
     token = sample(logits, params, seq.generator, logp)
     if params.logprobs is not None:
         seq.logprobs.append(_entry(token, logp, params.logprobs))
     if seq.constraint is not None and not seq.constraint.accept(token):
-        finish(seq, "error", error="the grammar refused a token it allowed")  # an xgrammar bug, never seen
+        finish(seq, "error", error="the grammar refused a token it allowed")  # a grammar-engine bug, never seen
         return
     append_token(seq, token)
 

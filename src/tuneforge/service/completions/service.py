@@ -91,7 +91,7 @@ class _Options:
     max_tokens: int
     logprobs: int | None = None
     prompt_logprobs: int | None = None
-    grammar: object | None = None  # a compiled xgrammar grammar
+    grammar: object | None = None  # a compiled grammar (serving.grammar.Vocabulary.json or .tools)
     vocabulary: object | None = None  # serving.grammar.Vocabulary, for grammars and token bytes
 
 
