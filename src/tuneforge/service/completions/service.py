@@ -190,11 +190,14 @@ async def _prepare(ctx: ServiceContext, server: ModelServer, org: Org, req) -> t
     return target, tok, engine
 
 
-async def _vocabulary(server: ModelServer, target: Target):
+async def _vocabulary(server: ModelServer, target: Target, param: str):
+    """The model's vocabulary for grammars and token bytes; a tokenizer it cannot read makes `param` (the field
+    that needs it) unavailable for this model: a 400 naming it, not a server error."""
     try:
         return await run_in_threadpool(server.vocabulary, target)
     except ModelError as e:
-        raise ServerError(str(e)) from None
+        raise InvalidRequest(f"{param}: not available for this model ({without_server_paths(str(e))})",
+                             param=param, code="unsupported_for_model") from None
 
 
 def _check_length(prompts: list[list[int]], max_tokens: int, limit: int, param: str) -> None:
@@ -277,7 +280,8 @@ async def _plan_chat(server: ModelServer, target: Target, tok, engine, req: Chat
     use_tools = bool(tools) and choice != "none"
     wants_json = req.response_format is not None and req.response_format.type != "text"
     if req.logprobs or use_tools or wants_json:
-        options.vocabulary = await _vocabulary(server, target)
+        need = "response_format" if wants_json else "tools" if use_tools else "logprobs"
+        options.vocabulary = await _vocabulary(server, target, need)
     if use_tools:
         functions = [{"name": t["function"]["name"], "parameters": t["function"].get("parameters")} for t in tools]
         if not isinstance(choice, str):
@@ -411,7 +415,7 @@ async def complete(ctx: ServiceContext, server: ModelServer, org: Org, req: Comp
                              "logprobs unset", param="echo", code="unsupported_parameter")
     options = _Options(max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=req.logprobs if scored else None)
     if req.logprobs is not None:
-        options.vocabulary = await _vocabulary(server, target)
+        options.vocabulary = await _vocabulary(server, target, "logprobs")
     run = _Run(server, target, prompts, req, options, tok)
     run.submit()
     rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
