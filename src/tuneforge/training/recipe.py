@@ -668,7 +668,19 @@ class Recipe:
                           exit_code=143 if self.stop.reason == "SIGTERM" else 130) from None
         finally:
             if self.owns_strategy:
+                self.release()
                 self.strategy.close()
+
+    def release(self) -> None:
+        """Drop the model, its wrappers and the optimizer before the process group goes: DDP's reducer (and
+        ZeRO's optimizer) hold the group, and the last of it freed after destroy_process_group joins gloo's
+        worker thread while that thread waits for the GIL this one holds (a rank then never exits)."""
+        for name in ("forward", "optimizer", "scheduler", "params", "model"):
+            self.__dict__.pop(name, None)
+        if self.strategy is not None and self.strategy.world_size > 1:
+            import gc
+
+            gc.collect()  # the wrappers' reference cycles, while the group still exists
 
 
 def train(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
