@@ -42,8 +42,8 @@ def build_strategy(d: DistributedSpec | None, device: torch.device, *, batch_siz
     if not in_launched_rank():
         if d is not None and d.strategy != "none" and d.world_size > 1:
             raise SpecError(f"distributed: nproc x nnodes = {d.world_size} processes are needed; start them with "
-                            "`tuneforge train SPEC` or tuneforge.train(spec) (they launch them) or torchrun, not "
-                            "from inside one process")
+                            "`tuneforge train SPEC` or tuneforge.train(spec), which launches them, or torchrun, "
+                            "not from inside one process")
         return SingleDevice(device)
     world = int(os.environ["WORLD_SIZE"])
     if d is None or d.strategy == "none":
