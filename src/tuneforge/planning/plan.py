@@ -246,7 +246,7 @@ def plan(spec, *, methods: tuple[str, ...] = METHODS, strategies: tuple[str, ...
         else:
             if progress:
                 progress(f"probing {method} ({rows} x {seq} tokens)")
-            measured = probe(config, shape, use_cache=use_cache)
+            measured = probe(config, shape, use_cache=use_cache, track_live=device != "cpu")
         for strategy in strategies:
             w, g, o, extra = per_rank(static, strategy, nproc, counts.layers)
             sharded = (static.weights - w) + (static.gradients - g) + (static.optimizer - o) - extra

@@ -44,7 +44,7 @@ PROBE_FLOPS = 1e12  # and at most this many FLOPs per probe step (about a second
 WHOLE_MODEL_FLOPS = 4e12  # probe the whole model, not cuts, when its probe step costs at most this
 SETTLE_STEPS = 6  # at most this many steady-state steps until the resident set stops growing
 WHOLE_MODEL_PARAMS = 1e9  # and it has at most this many parameters (building it is the run's own load)
-CACHE_VERSION = 14
+CACHE_VERSION = 15
 
 
 @dataclass(frozen=True)
@@ -146,9 +146,12 @@ def _reset_rss_high_water_mark() -> None:
 
 
 def build_probe_model(config, shape: RunShape, layers: int):
-    """The run's model on a `layers`-layer cut of `config`, random weights: the recipe's own `prepare_model` on
-    a base built from the config (NF4 linear layers for QLoRA, as a pre-quantised checkpoint loads)."""
+    """The run's model on a `layers`-layer cut of `config`: the recipe's own `prepare_model` on a base built from
+    the config (NF4 linear layers for QLoRA, as a pre-quantised checkpoint loads). Its weights are a repeated
+    random pattern, not an initialisation (5.7 s for a 2-layer Phi-3-mini cut, against 1 s): the probe measures
+    memory and time, which the values do not change."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     from tuneforge.spec import AdapterSpec
     from tuneforge.training.kernels import Kernels
@@ -157,8 +160,9 @@ def build_probe_model(config, shape: RunShape, layers: int):
     cfg = with_layers(config, layers)
     cfg.use_cache = False
     base_dtype = getattr(torch, shape.base_dtype)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=base_dtype)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=base_dtype)
+    _fill(model.parameters())
     model.config.use_cache = False
     kernels = Kernels(**dict(shape.kernels))
     if shape.method == "qlora":
@@ -167,10 +171,43 @@ def build_probe_model(config, shape: RunShape, layers: int):
     targets = shape.target_modules if isinstance(shape.target_modules, str) else list(shape.target_modules)
     adapter = AdapterSpec(r=shape.r, alpha=shape.alpha, dropout=shape.dropout, target_modules=targets,
                           num_virtual_tokens=shape.num_virtual_tokens)
+    torch.manual_seed(0)  # the adapters' own initialisation (peft), as in a run
     model = prepare_model(model, method=shape.method, adapter=adapter, kernels=kernels, packing=shape.packing,
                           gradient_checkpointing=shape.gradient_checkpointing, checkpoint_every=shape.checkpoint_every)
     model.train()
     return model, kernels
+
+
+def _fill(parameters) -> None:
+    """Weights of the size and dtype of a model's, from a repeated block of uniform noise (+-0.02): every page
+    written, as loaded weights are, in a fraction of the time an initialisation takes."""
+    block = torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)) * 0.04 - 0.02  # (65536,)
+    with torch.no_grad():
+        for p in parameters:
+            flat = p.view(-1)
+            flat.copy_(block.to(p.dtype).repeat(-(-flat.numel() // block.numel()))[:flat.numel()])
+
+
+class LayerView:
+    """The first `n` decoder layers of a built cut as the model the steps run (`with LayerView(model, n):`): a
+    1-layer probe point on the 2-layer cut, without building it again. The other layers' weights stay resident
+    (they were before the point's measurements began, so they are not counted), get no gradients and no
+    optimizer state, and `idle` lists their parameters for the live-tensor count."""
+
+    def __init__(self, model, n: int):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.owner = base.get_decoder()
+        self.full = self.owner.layers  # (L,) ModuleList
+        self.n = n
+        self.idle = [p for layer in self.full[n:] for p in layer.parameters()]
+
+    def __enter__(self):
+        if self.n < len(self.full):
+            self.owner.layers = torch.nn.ModuleList(list(self.full[: self.n]))
+        return self
+
+    def __exit__(self, *exc):
+        self.owner.layers = self.full
 
 
 def _batch(vocab: int, rows: int, seq_len: int, packing: bool, generator: torch.Generator,
@@ -229,88 +266,93 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def probe_point(config, shape: RunShape, layers: int, rows: int, seq_len: int, repeats: int = 1) -> ProbePoint:
-    """Build the cut model, run a warm-up step, then steps until the resident set settles (at least `repeats`;
-    the best is the step time), then track one step's memory."""
+def probe_point(model, kernels, config, shape: RunShape, layers: int, rows: int, seq_len: int, repeats: int = 1,
+                track_live: bool = True) -> ProbePoint:
+    """On `model` (a built cut, its first `layers` decoder layers active): a warm-up step (which also records the
+    bytes autograd saves for backward), then steps until the resident set settles (at least `repeats`; the best is
+    the step time), then, with `track_live`, one step whose live tensors are tracked (a GPU plan's peak; a CPU
+    plan reads the resident set instead). A fresh optimizer each point, so its state is allocated in the point."""
     from tuneforge.distributed import ForwardLoss, SingleDevice
     from tuneforge.hardware import grad_scaler
-    from tuneforge.training import recipe
     from tuneforge.models.head import output_head
+    from tuneforge.training import recipe
     from tuneforge.training.loss import count_targets, loss_fn_for
 
     device = torch.device(shape.device)
-    release_free_memory()
-    model, kernels = build_probe_model(config, shape, layers)
-    chunked = kernels.loss == "chunked" and output_head(model) is not None
-    forward = ForwardLoss(model, loss_fn_for(model, chunked=chunked))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = recipe.build_optimizer(params, shape.optimizer, 1e-4, 0.0)
-    ac = None if shape.autocast == "float32" else getattr(torch, shape.autocast)
-    one, scaler = SingleDevice(device), grad_scaler(device, ac)
-    generator = torch.Generator().manual_seed(0)
+    with LayerView(model, layers) as view:
+        chunked = kernels.loss == "chunked" and output_head(model) is not None
+        forward = ForwardLoss(model, loss_fn_for(model, chunked=chunked))
+        idle = {id(p) for p in view.idle}
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in idle]
+        optimizer = recipe.build_optimizer(params, shape.optimizer, 1e-4, 0.0)
+        ac = None if shape.autocast == "float32" else getattr(torch, shape.autocast)
+        one, scaler = SingleDevice(device), grad_scaler(device, ac)
+        generator = torch.Generator().manual_seed(0)
 
-    def forward_backward(length: int = seq_len):  # a fresh batch each step, as in a run: the recipe's own step
-        batch = _batch(config.vocab_size, rows, length, shape.packing, generator, shape.document_len)
-        recipe.forward_backward(forward, [batch], count_targets(batch["labels"]), one, scaler, device, ac)
+        def forward_backward(length: int = seq_len):  # a fresh batch each step, as in a run: the recipe's own step
+            batch = _batch(config.vocab_size, rows, length, shape.packing, generator, shape.document_len)
+            recipe.forward_backward(forward, [batch], count_targets(batch["labels"]), one, scaler, device, ac)
 
-    def optimizer_step():
-        recipe.optimizer_step(optimizer, params, one, scaler, None, 1.0)
+        def optimizer_step():
+            recipe.optimizer_step(optimizer, params, one, scaler, None, 1.0)
 
-    release_free_memory()
-    rss_before = _rss_bytes()
-    _reset_rss_high_water_mark()
-    forward_backward()
-    optimizer_step()  # allocates the optimizer state: later steps are the steady state
-    # The resident set keeps growing for a few steps: after the first large buffers are freed, glibc raises its
-    # mmap threshold and later ones come from the heap, which keeps them (DoRA on SmolLM2 grew 874 -> 1146 ->
-    # 1326 MB over steps 1-3, then stayed). Step until it settles (two steps without growth), timing the best.
-    # Data of varied lengths grows the heap further (every new shape allocates anew: SmolLM2 QLoRA 2 x 97 grew
-    # 274 MB over ten fixed-shape steps, 415 MB cycling through lengths 33-97), so the steps cycle through the
-    # run's row lengths (`shape.lengths`, those not above this point's), twice, before settling counts.
-    cycle = [seq_len] + [n for n in shape.lengths if n < seq_len]
-    least = max(repeats, 2 * len(cycle) if len(cycle) > 1 else 0)
-    fb = opt = float("inf")
-    high, still = _rss_high_water_mark(), 0
-    for i in range(max(SETTLE_STEPS, least + 2)):
-        length = cycle[(i + 1) % len(cycle)]
-        t0 = time.perf_counter()
-        forward_backward(length)
-        t1 = time.perf_counter()
-        optimizer_step()
-        t2 = time.perf_counter()
-        if length == seq_len:  # the time of the largest micro-batch, which the planner scales by FLOPs
-            fb, opt = min(fb, t1 - t0), min(opt, t2 - t1)
-        now = _rss_high_water_mark()
-        still = still + 1 if now - high <= max(4 * 2**20, 0.02 * (now - rss_before)) else 0
-        high = now
-        if still >= 2 and i + 1 >= least and fb < float("inf"):
-            break
-    # the growth of plain steps: the tracked step below runs under a dispatch mode, whose bookkeeping moves the heap
-    rss_growth = max(0, _rss_high_water_mark() - rss_before) if rss_before else 0
+        saved: dict[int, int] = {}
+        param_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
 
-    saved: dict[int, int] = {}
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
+        def pack(t):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                if st.data_ptr() not in param_storages:
+                    saved[st.data_ptr()] = st.nbytes()
+            return t
 
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = t.untyped_storage()
-            if st.data_ptr() not in param_storages:
-                saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    tracker = LiveBytes()
-    tracker.add_existing([*model.parameters(), *model.buffers(),
-                          *(v for state in optimizer.state.values() for v in state.values()
-                            if isinstance(v, torch.Tensor))])
-    with tracker:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        release_free_memory()
+        rss_before = _rss_bytes()
+        _reset_rss_high_water_mark()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the activations kept for backward
             forward_backward()
-        after_backward = tracker.current
-        optimizer_step()
-    categories = {"static": tracker.start, "peak": tracker.peak, "after_backward": after_backward,
-                  "rss_growth": rss_growth}
-    del model, optimizer, params
-    return ProbePoint(layers, rows, seq_len, tracker.peak, sum(saved.values()), fb, opt, categories, rss_growth)
+        optimizer_step()  # allocates the optimizer state: later steps are the steady state
+        # The resident set keeps growing for a few steps: after the first large buffers are freed, glibc raises its
+        # mmap threshold and later ones come from the heap, which keeps them (DoRA on SmolLM2 grew 874 -> 1146 ->
+        # 1326 MB over steps 1-3, then stayed). Step until it settles (two steps without growth), timing the best.
+        # Data of varied lengths grows the heap further (every new shape allocates anew: SmolLM2 QLoRA 2 x 97 grew
+        # 274 MB over ten fixed-shape steps, 415 MB cycling through lengths 33-97), so the steps cycle through the
+        # run's row lengths (`shape.lengths`, those not above this point's), twice, before settling counts.
+        cycle = [seq_len] + [n for n in shape.lengths if n < seq_len]
+        least = max(repeats, 2 * len(cycle) if len(cycle) > 1 else 0)
+        fb = opt = float("inf")
+        high, still = _rss_high_water_mark(), 0
+        for i in range(max(SETTLE_STEPS, least + 2)):
+            length = cycle[(i + 1) % len(cycle)]
+            t0 = time.perf_counter()
+            forward_backward(length)
+            t1 = time.perf_counter()
+            optimizer_step()
+            t2 = time.perf_counter()
+            if length == seq_len:  # the time of the largest micro-batch, which the planner scales by FLOPs
+                fb, opt = min(fb, t1 - t0), min(opt, t2 - t1)
+            now = _rss_high_water_mark()
+            still = still + 1 if now - high <= max(4 * 2**20, 0.02 * (now - rss_before)) else 0
+            high = now
+            if still >= 2 and i + 1 >= least and fb < float("inf"):
+                break
+        # the growth of plain steps: the tracked step below runs under a dispatch mode, whose bookkeeping moves the heap
+        rss_growth = max(0, _rss_high_water_mark() - rss_before) if rss_before else 0
+
+        peak = after_backward = start = 0
+        if track_live:
+            tracker = LiveBytes()
+            tracker.add_existing([*(p for p in model.parameters() if id(p) not in idle), *model.buffers(),
+                                  *(v for state in optimizer.state.values() for v in state.values()
+                                    if isinstance(v, torch.Tensor))])
+            with tracker:
+                forward_backward()
+                after_backward = tracker.current
+                optimizer_step()
+            peak, start = tracker.peak, tracker.start
+        categories = {"static": start, "peak": peak, "after_backward": after_backward, "rss_growth": rss_growth}
+        del optimizer, params, forward
+    return ProbePoint(layers, rows, seq_len, peak, sum(saved.values()), fb, opt, categories, rss_growth)
 
 
 @dataclass
@@ -369,8 +411,11 @@ def probes_whole_model(config, shape: RunShape) -> bool:
             and 6 * weights * min(shape.tokens, probe_token_cap(config)) <= WHOLE_MODEL_FLOPS)
 
 
-def probe(config, shape: RunShape, *, use_cache: bool = True, whole: bool | None = None) -> ProbeResult:
-    """Probe `shape` on `config` (see the module docstring) in a child process; cached.
+def probe(config, shape: RunShape, *, use_cache: bool = True, whole: bool | None = None,
+          track_live: bool = True) -> ProbeResult:
+    """Probe `shape` on `config` (see the module docstring) in a child process; cached. `track_live`: also the
+    live-tensor peak a GPU plan needs (one step under a dispatch mode per point); a CPU plan reads the resident
+    set, and leaves it out.
 
     A child process because the probe measures how far a process's resident set grows, which needs a heap of
     its own, and because QLoRA runs set the allocator's mmap threshold process-wide (training/allocator.py),
@@ -383,7 +428,7 @@ def probe(config, shape: RunShape, *, use_cache: bool = True, whole: bool | None
 
     whole = probes_whole_model(config, shape) if whole is None else whole
     key = {"v": CACHE_VERSION, "config": config_fingerprint(config), "shape": asdict(shape), "machine": _machine(),
-           "whole": whole}
+           "whole": whole, "track_live": track_live}
     path = _cache_path(key)
     if use_cache and path.is_file():
         try:
@@ -391,7 +436,8 @@ def probe(config, shape: RunShape, *, use_cache: bool = True, whole: bool | None
             return ProbeResult(**{**data, "cached": True})
         except (OSError, ValueError, TypeError):
             pass
-    request = json.dumps({"config": config.to_dict(), "shape": asdict(shape), "whole": whole}, default=str)
+    request = json.dumps({"config": config.to_dict(), "shape": asdict(shape), "whole": whole,
+                          "track_live": track_live}, default=str)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", "from tuneforge.planning.probe import _child; _child()"],
                           input=request, capture_output=True, text=True, env=env)
@@ -428,10 +474,11 @@ def _child() -> None:
         from tuneforge.training.allocator import return_big_buffers_to_os
 
         return_big_buffers_to_os()  # as `tuneforge train` does for QLoRA on CPU (cli.cmd_train)
-    print(json.dumps(_probe_here(config, shape, whole=request.get("whole", False)).as_dict()))
+    print(json.dumps(_probe_here(config, shape, whole=request.get("whole", False),
+                                 track_live=request.get("track_live", True)).as_dict()))
 
 
-def _probe_here(config, shape: RunShape, whole: bool = False) -> ProbeResult:
+def _probe_here(config, shape: RunShape, whole: bool = False, track_live: bool = True) -> ProbeResult:
     layers = config.num_hidden_layers
     tokens = shape.tokens
     rows, seq = shape.rows, shape.seq_len
@@ -452,7 +499,10 @@ def _probe_here(config, shape: RunShape, whole: bool = False) -> ProbeResult:
         v2 = max(v1, v2) if rising else v2
         return v1 + (v2 - v1) * (layers - 1) / (deep - 1)
 
-    big = [probe_point(config, shape, n, rows, seq, repeats=2 if whole else 1) for n in cuts]
+    # One model: the deepest cut, built once; the 1-layer point runs its first layer (LayerView)
+    model, kernels = build_probe_model(config, shape, deep)
+    big = [probe_point(model, kernels, config, shape, n, rows, seq, repeats=2 if whole else 1, track_live=track_live)
+           for n in cuts]
     points = list(big)
     peak = at_model(big, "peak_live_bytes")
     growth = at_model(big, "rss_growth_bytes", rising=True)
@@ -464,7 +514,8 @@ def _probe_here(config, shape: RunShape, whole: bool = False) -> ProbeResult:
     probed_tokens = rows * seq
     if probed_tokens < tokens:  # memory is linear in tokens: a second set at half the rows (or half the length)
         rows2, seq2 = (rows // 2, seq) if rows > 1 else (rows, seq // 2)
-        small = [probe_point(config, shape, n, rows2, seq2, repeats=0) for n in cuts]
+        small = [probe_point(model, kernels, config, shape, n, rows2, seq2, repeats=0, track_live=track_live)
+                 for n in cuts]
         points += small
         frac = (tokens - probed_tokens) / (probed_tokens - rows2 * seq2)
         peak = peak + (peak - at_model(small, "peak_live_bytes")) * frac
