@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,32 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if mark in item.keywords:
                 item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "deadline(seconds): fail the test when it runs longer than this (SIGALRM)")
+
+
+@pytest.fixture(autouse=True)
+def _deadline(request):
+    """`@pytest.mark.deadline(S)`: the test fails with TimeoutError after S seconds instead of hanging the suite.
+    A module-level `pytestmark = pytest.mark.deadline(S)` gives each of its tests S seconds."""
+    mark = request.node.get_closest_marker("deadline")
+    if mark is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seconds = float(mark.args[0])
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{request.node.nodeid} ran past its deadline of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
