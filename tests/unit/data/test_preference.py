@@ -108,3 +108,20 @@ def test_overlong_pairs_truncate_both_sides_or_drop():
     assert encode_records(tok, "preference", [record], [1], max_seq_len=20, overlong="drop").dropped == 1
     short = encode_records(tok, "preference", [record], [1], max_seq_len=8)  # prompt alone fills it: no reply left
     assert short.dropped == 1 and not short.examples
+
+
+def test_shipped_dataset_prefers_the_reply_that_follows_its_rule(tmp_path):
+    from tuneforge.data.preference import normalise
+    from tuneforge.data.synthetic import write_dataset
+    from tuneforge.evaluation.metrics import rule_checks
+
+    paths = write_dataset("preference", tmp_path)
+    for split, path in paths.items():
+        report = validate_jsonl(path, "preference")
+        assert report.ok and not report.warnings
+        for rec in report.records:
+            pref = normalise(rec)
+            passed = [rule_checks(side[0]["content"], rec["rules"])["passed"] for side in (pref.chosen, pref.rejected)]
+            assert passed == [1, 0], rec
+    assert len(validate_jsonl(paths["train"], "preference").records) >= 200
+    assert len(validate_jsonl(paths["heldout"], "preference").records) >= 100
