@@ -15,9 +15,10 @@ Features and their cost:
   off, a no-grad pass per micro-batch (~+50 % step time for LoRA, no second model in memory), or precomputed
   once before the first step (one forward over the data; full fine-tuning always) and kept in the run folder.
   The loss is normalised by the pairs of the whole accumulated step, as supervised losses by target tokens.
-- Periodic validation (loss, token accuracy; preference: loss, reward accuracy and margin); atomic checkpoints with optimizer, scheduler, scaler,
-  RNG, data position and the schedule's horizon, so `resume=True` continues exactly where a run
-  stopped, was stopped (`stop`), or was killed; a damaged newest checkpoint falls back to the one before.
+- Periodic validation (loss, token accuracy; preference: loss, reward accuracy and margin); atomic checkpoints
+  with optimizer, scheduler, scaler, RNG, data position and the schedule's horizon, so `resume=True` continues
+  exactly where a run stopped, was stopped (`stop`), or was killed; a damaged newest checkpoint falls back to
+  the one before.
 - Everything is checked (spec, output folder, model, data, eval data) before anything is written or
   deleted; `overwrite=True` then removes only what an earlier run wrote (files.py).
 - No printing: progress, metrics and warnings go to `on_event` (the CLI draws a bar from them);
@@ -753,6 +754,12 @@ class Recipe:
                           exit_code=143 if self.stop.reason == "SIGTERM" else 130) from None
         finally:
             if self.owns_strategy:
+                # The wrapper (DDP's reducer, FSDP2's hooks) goes before its process group: destroyed after it,
+                # when the finished Recipe is freed, a rank could hang in its destructor with its peers gone.
+                self.forward = None
+                import gc
+
+                gc.collect()
                 self.strategy.close()
 
 
