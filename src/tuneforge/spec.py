@@ -230,8 +230,8 @@ class JobSpec(_Strict):
     """A fine-tuning job. The resolved spec is written to `<output_dir>/spec.yaml`."""
 
     model: str = Field(min_length=1, description="Built-in alias (e.g. smollm2-135m-instruct), local HF folder, .gguf file or hub id.")
-    task: Task = Field("chat", description="chat | completion | text | classification | qa | translation | creative | ner | "
-                       "preference: data format, loss mask, metric.")
+    task: Task = Field("chat", description="chat | completion | text | classification | qa | translation | creative | "
+                       "ner | preference: data format, loss mask, metric.")
     labels: list[str] | None = Field(None, description="classification: the label set (predictions are scored over it).")
     data: DataSpec
     method: Method = Field("lora", description="lora | dora | qlora | ia3 | prompt_tuning | full")

@@ -33,8 +33,9 @@ def test_dpo_on_a_supervised_fine_tune_is_served(server, train_jsonl):
 
     client = server.client("prefs")
     with open(train_jsonl, "rb") as f:
-        sft = client.fine_tuning.jobs.create(model="tiny", training_file=client.files.create(file=f, purpose="fine-tune").id,
-                                             suffix="sft", extra_body=tiny_job(max_steps=3))
+        chat_file = client.files.create(file=f, purpose="fine-tune").id
+    sft = client.fine_tuning.jobs.create(model="tiny", training_file=chat_file, suffix="sft",
+                                         extra_body=tiny_job(max_steps=3))
     sft = wait_for(client, sft.id, ("succeeded", "failed"))
     assert sft.status == "succeeded", sft.error
 

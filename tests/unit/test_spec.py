@@ -120,7 +120,8 @@ def test_preference_section():
     assert spec.preference.loss == "orpo"
     cases = [({"preference": {"beta": 0.1}}, "preference: only task preference reads it"),
              ({"task": "preference", "preference": {"beta": 0}}, "preference.beta: Input should be greater than 0"),
-             ({"task": "preference", "preference": {"loss": "ipo"}}, "preference.loss: Input should be 'dpo' or 'orpo'"),
+             ({"task": "preference", "preference": {"loss": "ipo"}},
+              "preference.loss: Input should be 'dpo' or 'orpo'"),
              ({"task": "preference", "preference": {"lose": "dpo"}}, "did you mean 'preference.loss'"),
              ({"task": "preference", "preference": {"loss": "orpo", "reference": "precomputed"}},
               "preference.reference: orpo uses no reference model"),

@@ -64,9 +64,13 @@ def normalise(rec: dict) -> PreferenceRecord:
     prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
     if not any(isinstance(v, list) for v in (prompt, chosen, rejected)):
         return PreferenceRecord(prompt, chosen, rejected)
-    as_turns = lambda value, role: value if isinstance(value, list) else [{"role": role, "content": value}]  # noqa: E731
-    return PreferenceRecord(as_turns(prompt, "user"), as_turns(chosen, "assistant"), as_turns(rejected, "assistant"),
+    return PreferenceRecord(_turns(prompt, "user"), _turns(chosen, "assistant"), _turns(rejected, "assistant"),
                             rec.get("tools") or None)
+
+
+def _turns(value, role: str) -> list:
+    """A list of messages as it is; a string as one message of `role`."""
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
 # ---------------------------------------------------------------- validation
@@ -182,13 +186,12 @@ def _check_conversation(prompt, sides: dict, tools, prompt_field: str, tools_fie
     record's own; a problem of the prompt is reported once."""
     if prompt is None:
         return []
-    turns = lambda v, role: [{"role": role, "content": v}] if isinstance(v, str) else v  # noqa: E731
-    prompt_turns = turns(prompt, "user")
+    prompt_turns = _turns(prompt, "user")
     found: Problems = []
     for side, reply in sides.items():
         if reply is None:
             continue
-        record = {"messages": prompt_turns + turns(reply, "assistant")}
+        record = {"messages": prompt_turns + _turns(reply, "assistant")}
         if tools is not None:
             record["tools"] = tools
         errors, _ = check_chat(record)
