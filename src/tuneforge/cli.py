@@ -188,7 +188,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         for key, value in result.items():
-            if key != "outputs":
+            if key not in ("outputs", "pair_logps"):  # per-example lists: --json shows them
                 print(f"{key:16s} {value:.4g}" if isinstance(value, float) else f"{key:16s} {value}")
     return 0
 

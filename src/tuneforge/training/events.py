@@ -18,7 +18,9 @@ EventKind = Literal["info", "warning", "started", "step", "checkpoint", "stopped
 class RunEvent:
     """One thing that happened in a run. `step` events carry the step's metrics in `data`
     (train_loss, lr, grad_norm, epoch, tokens_per_second, and eval_loss/eval_token_accuracy when
-    validation ran at that step); `started` carries the run's shape (steps, examples, parameters)."""
+    validation ran at that step; task preference: reward_accuracy, reward_margin, logps_chosen,
+    logps_rejected, eval_reward_accuracy, eval_reward_margin instead of the token accuracies);
+    `started` carries the run's shape (steps, examples, parameters)."""
 
     kind: EventKind
     message: str
