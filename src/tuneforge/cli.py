@@ -189,7 +189,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         for key, value in result.items():
-            if key != "outputs":
+            if key not in ("outputs", "pair_logps"):  # per-example lists: --json shows them
                 print(f"{key:16s} {value:.4g}" if isinstance(value, float) else f"{key:16s} {value}")
     return 0
 
@@ -392,9 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-seq-len", type=positive_int, help="default: the spec's training.max_seq_len, else 512")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_data_validate)
-    g = dsub.add_parser("generate", help="write a shipped dataset (support tickets) as JSONL")
+    g = dsub.add_parser("generate", help="write a shipped dataset (support tickets, a scenario's, preference pairs) "
+                        "as JSONL")
     g.add_argument("dataset", choices=["demo", "chat", "classification", "qa", "translation", "ner", "creative", "text",
-                                       "tools"])
+                                       "tools", "preference"])
     g.add_argument("--out", required=True, help="folder for train/valid/heldout.jsonl")
     g.add_argument("--overwrite", action="store_true", help="replace train/valid/heldout.jsonl there if they differ")
     g.set_defaults(func=cmd_data_generate)

@@ -22,7 +22,7 @@ MERGE_MARKER = ".tuneforge-merged"
 # Everything a run writes into its folder (`remove_run_outputs` deletes these and nothing else).
 RUN_OUTPUTS = ("checkpoints", "adapter", "model", ".tmp-adapter", ".tmp-model", "tensorboard", "summary.json",
                "metrics.jsonl", "spec.yaml", "loss_curve.png", "report.md", "report.json", "before_after.png",
-               "demo_report.json", "result.csv")
+               "demo_report.json", "result.csv", "reference_logps.safetensors", ".tmp-reference_logps.safetensors")
 
 
 def expand(path: str | os.PathLike) -> Path:

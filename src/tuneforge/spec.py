@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneforge.errors import Problem, SpecError
 
-Task = Literal["chat", "completion", "text", "classification", "qa", "translation", "creative", "ner"]
+Task = Literal["chat", "completion", "text", "classification", "qa", "translation", "creative", "ner", "preference"]
 Method = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "full"]
 PEFT_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning")
 # Upper bounds far beyond any real run, so an absurd value is a spec error rather than an overflow deep in torch.
@@ -156,6 +156,22 @@ class EvalSpec(_Strict):
     examples: int = Field(5, ge=0, le=10_000, description="Examples shown side by side in the report.")
 
 
+class PreferenceSpec(_Strict):
+    """task: preference (docs/scenarios.md): which of two replies is better, learnt from pairs."""
+
+    loss: Literal["dpo", "orpo"] = Field(
+        "dpo", description="dpo: Direct Preference Optimization, the sigmoid loss -log sigmoid(beta * (chosen - "
+        "rejected log-ratio against the reference)); orpo: Odds-Ratio Preference Optimization, the chosen reply's "
+        "negative log-likelihood minus beta * log sigmoid(log odds ratio): no reference model at all.")
+    beta: float = Field(0.1, gt=0, le=100, description="dpo: how far the policy may move from the reference (higher: "
+                        "stays closer); orpo: the weight of the odds-ratio term (the paper's lambda).")
+    reference: Literal["auto", "precomputed"] = Field(
+        "auto", description="dpo's reference log-probabilities. auto: adapter methods switch the adapter off for a "
+        "no-grad pass of each batch (the base is the reference: no second model in memory), full fine-tuning "
+        "precomputes them; precomputed: one pass over the data before the first step, kept in the run folder "
+        "(reference_logps.safetensors) so a resumed run reads them back.")
+
+
 class DistributedSpec(_Strict):
     """Data parallelism over several processes (docs/distributed.md). Present = `tuneforge train` launches
     `nproc` ranks on this node through torch.distributed.run; absent = one process."""
@@ -214,7 +230,8 @@ class JobSpec(_Strict):
     """A fine-tuning job. The resolved spec is written to `<output_dir>/spec.yaml`."""
 
     model: str = Field(min_length=1, description="Built-in alias (e.g. smollm2-135m-instruct), local HF folder, .gguf file or hub id.")
-    task: Task = Field("chat", description="chat | completion | text | classification | qa | translation | creative | ner: data format, loss mask, metric.")
+    task: Task = Field("chat", description="chat | completion | text | classification | qa | translation | creative | "
+                       "ner | preference: data format, loss mask, metric.")
     labels: list[str] | None = Field(None, description="classification: the label set (predictions are scored over it).")
     data: DataSpec
     method: Method = Field("lora", description="lora | dora | qlora | ia3 | prompt_tuning | full")
@@ -226,6 +243,14 @@ class JobSpec(_Strict):
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub (off: safer).")
     distributed: DistributedSpec | None = Field(
         None, description="Several processes / nodes (DDP, ZeRO 1-3 on FSDP2 or DeepSpeed); absent: one process.")
+    preference: PreferenceSpec | None = Field(
+        None, description="task preference: loss (dpo | orpo), beta and where dpo's reference comes from; absent: "
+        "the defaults (dpo, beta 0.1, reference auto).")
+
+    @property
+    def preference_settings(self) -> PreferenceSpec:
+        """The preference section, its defaults when the spec leaves it out."""
+        return self.preference or PreferenceSpec()
 
     @model_validator(mode="after")
     def _fits_task(self) -> JobSpec:
@@ -256,9 +281,22 @@ class JobSpec(_Strict):
             if self.training.optimizer == "adamw_8bit" and (d.strategy != "ddp" or d.backend == "deepspeed"):
                 raise ValueError(f"training.optimizer: adamw_8bit is not supported with {d.strategy}; use adamw "
                                  "(or strategy ddp)")
-        if self.data.chat_template is not None and self.task != "chat":
-            raise ValueError(f"data.chat_template: only task chat uses a chat template (task is '{self.task}'); "
-                             "use data.prompt_template")
+        if self.data.chat_template is not None and self.task not in ("chat", "preference"):
+            raise ValueError(f"data.chat_template: only task chat (and preference) uses a chat template (task is "
+                             f"'{self.task}'); use data.prompt_template")
+        if self.preference is not None and self.task != "preference":
+            raise ValueError(f"preference: only task preference reads it (task is '{self.task}'); set task: "
+                             "preference or drop the section")
+        if self.task == "preference":
+            p = self.preference_settings
+            if self.method == "prompt_tuning":
+                raise ValueError("method: prompt tuning is not supported for task preference; use lora, dora, "
+                                 "qlora, ia3 or full")
+            if self.training.packing:
+                raise ValueError("training.packing: task preference scores each reply as a sequence of its own; "
+                                 "set packing: false")
+            if p.loss == "orpo" and self.preference is not None and p.reference == "precomputed":
+                raise ValueError("preference.reference: orpo uses no reference model; drop it (or use loss: dpo)")
         return self
 
     def to_yaml(self) -> str:

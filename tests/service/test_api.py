@@ -191,7 +191,7 @@ def test_error_paths(server, train_jsonl, tmp_path):
          "file_not_found"),
         (lambda: create(model="tiny", training_file=file_id, hyperparameters={"n_epochs": 0}), 400,
          "hyperparameters.n_epochs", None),
-        (lambda: create(model="tiny", training_file=file_id, method={"type": "dpo"}), 400, "method.type",
+        (lambda: create(model="tiny", training_file=file_id, method={"type": "reinforcement"}), 400, "method.type",
          "unsupported_method"),
         (lambda: create(model="tiny", training_file=file_id, extra_body={"tuneforge": {"training": {"lrr": 1}}}), 400,
          "tuneforge.training.lrr", "invalid_job_spec"),

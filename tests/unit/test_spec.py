@@ -1,6 +1,7 @@
 """The job spec: defaults, YAML + --set overrides, and errors that name the line, field and fix."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,24 @@ def test_template_errors_point_at_their_line(tmp_path):
         build_spec({"model": "m", "task": "text", "data": {"train": "t", "chat_template": "{{ x }}"}})
     with pytest.raises(SpecError, match=r"\(top level\)|labels: task classification needs"):
         build_spec({"model": "m", "task": "classification", "data": {"train": "t"}})
+
+
+@pytest.mark.timeout(30)
+def test_preference_section():
+    base = {"model": "m", "data": {"train": "t"}}
+    spec = build_spec({**base, "task": "preference"})
+    assert spec.preference is None and spec.preference_settings.loss == "dpo" and spec.preference_settings.beta == 0.1
+    spec = build_spec({**base, "task": "preference", "preference": {"loss": "orpo", "beta": 0.2}})
+    assert spec.preference.loss == "orpo"
+    cases = [({"preference": {"beta": 0.1}}, "preference: only task preference reads it"),
+             ({"task": "preference", "preference": {"beta": 0}}, "preference.beta: Input should be greater than 0"),
+             ({"task": "preference", "preference": {"loss": "ipo"}},
+              "preference.loss: Input should be 'dpo' or 'orpo'"),
+             ({"task": "preference", "preference": {"lose": "dpo"}}, "did you mean 'preference.loss'"),
+             ({"task": "preference", "preference": {"loss": "orpo", "reference": "precomputed"}},
+              "preference.reference: orpo uses no reference model"),
+             ({"task": "preference", "method": "prompt_tuning"}, "method: prompt tuning is not supported"),
+             ({"task": "preference", "training": {"packing": True}}, "training.packing: task preference")]
+    for extra, message in cases:
+        with pytest.raises(SpecError, match=re.escape(message)):
+            build_spec({**base, **extra})

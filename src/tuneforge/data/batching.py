@@ -10,7 +10,7 @@ import random
 
 import torch
 
-from tuneforge.data.encode import IGNORE_INDEX, Example
+from tuneforge.data.encode import IGNORE_INDEX, Example, PreferencePair
 
 # Length grouping sorts within windows of this many steps, keeping batches random across windows.
 GROUP_WINDOW_STEPS = 16
@@ -82,6 +82,12 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -
         labels[b, :n] = torch.tensor(e.labels)
         attention_mask[b, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
+    """B preference pairs as one padded batch of 2B rows: rows 0..B-1 the preferred replies, B..2B-1 the
+    others (TRL's layout), so one forward scores both sides. input_ids, attention_mask, labels (2B, T)."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
 def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:

@@ -29,6 +29,43 @@ class Example:
     def num_targets(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
+    @property
+    def length(self) -> int:
+        """Its row length in a padded batch."""
+        return len(self.input_ids)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def truncated(self, n: int) -> Example:
+        return Example(self.input_ids[:n], self.labels[:n])
+
+
+@dataclass
+class PreferencePair:
+    """A preference example: prompt + preferred reply, prompt + the other reply (labels on the replies only).
+    In a batch both are rows (data/batching.py collate_pairs)."""
+
+    chosen: Example
+    rejected: Example
+
+    @property
+    def num_targets(self) -> int:
+        """The fewer of the two replies' target tokens (0: a side has nothing left to score)."""
+        return min(self.chosen.num_targets, self.rejected.num_targets)
+
+    @property
+    def length(self) -> int:
+        return max(self.chosen.length, self.rejected.length)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.chosen.n_tokens + self.rejected.n_tokens
+
+    def truncated(self, n: int) -> PreferencePair:
+        return PreferencePair(self.chosen.truncated(n), self.rejected.truncated(n))
+
 
 def _common_prefix_len(a: str, b: str) -> int:
     n = min(len(a), len(b))
@@ -98,15 +135,41 @@ def _tokens_in_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> Exam
     return Example(list(ids), labels)
 
 
-def encode_chat(tokenizer, record: dict) -> Example:
+def _require_chat_template(tokenizer, task: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            "task 'chat' needs a tokenizer with a chat template, and this model's has none; "
-            "use task: completion (prompt/completion pairs) or a chat/instruct model"
-        )
+            f"task '{task}' needs a tokenizer with a chat template for conversations, and this model's has none; "
+            + ("use task: completion (prompt/completion pairs) or a chat/instruct model" if task == "chat" else
+               "give prompt, chosen and rejected as plain strings, or use a chat/instruct model"))
+
+
+def encode_chat(tokenizer, record: dict) -> Example:
+    _require_chat_template(tokenizer, "chat")
     _check_renders(tokenizer, record)
     text, spans = assistant_spans(tokenizer, record["messages"], record.get("tools") or None)
     return _tokens_in_spans(tokenizer, text, spans)
+
+
+def encode_preference(tokenizer, record: dict) -> PreferencePair:
+    """A preference record (data/preference.py) -> its two sequences. A conversation is rendered by the chat
+    template and only the reply's assistant turns are targets (assistant turns of the prompt are context:
+    weight 0); plain text is prompt + reply + eos with the reply as target, as task completion does."""
+    from tuneforge.data.preference import normalise
+
+    pref = normalise(record)
+    if not pref.conversational:
+        return PreferencePair(*(encode_completion(tokenizer, {"prompt": pref.prompt, "completion": reply})
+                                for reply in (pref.chosen, pref.rejected)))
+    _require_chat_template(tokenizer, "preference")
+    context = [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m
+               for m in pref.prompt]
+    sides = []
+    for reply in (pref.chosen, pref.rejected):
+        conversation = {"messages": context + reply, **({"tools": pref.tools} if pref.tools else {})}
+        _check_renders(tokenizer, conversation)
+        text, spans = assistant_spans(tokenizer, conversation["messages"], pref.tools)
+        sides.append(_tokens_in_spans(tokenizer, text, spans))
+    return PreferencePair(*sides)
 
 
 def _eos_ids(tokenizer) -> list[int]:
@@ -131,11 +194,13 @@ def encode_text(tokenizer, record: dict) -> Example:
     return Example(ids, list(ids))
 
 
-def encode_example(tokenizer, task: str, record: dict, template: str | None = None) -> Example:
+def encode_example(tokenizer, task: str, record: dict, template: str | None = None) -> Example | PreferencePair:
     """One record -> token ids and labels. Prompt/answer tasks go through their prompt template
     (data/templates.py; `template` overrides the default), so only the answer is trained on."""
     if task == "chat":
         return encode_chat(tokenizer, record)
+    if task == "preference":
+        return encode_preference(tokenizer, record)
     if task == "text" or (task == "creative" and "text" in record):
         return encode_text(tokenizer, record)
     return encode_completion(tokenizer, templates.pair(task, record, template))
@@ -143,8 +208,20 @@ def encode_example(tokenizer, task: str, record: dict, template: str | None = No
 
 def encode_prompt(tokenizer, task: str, prompt: str | list[dict] | dict, template: str | None = None) -> list[int]:
     """Token ids a model should continue at inference time (chat: a user message, a list of messages or a
-    record with `messages` and `tools`, through the chat template plus generation prompt; other tasks: a
-    record dict or a bare string, filled into the task's prompt template)."""
+    record with `messages` and `tools`, through the chat template plus generation prompt; preference: the
+    same, or a preference record's prompt (plain text as written); other tasks: a record dict or a bare
+    string, filled into the task's prompt template)."""
+    if task == "preference":  # a preference record's prompt, a message list, or a string (a user turn, or text)
+        if isinstance(prompt, dict) and not ("messages" in prompt):
+            from tuneforge.data.preference import normalise
+
+            pref = normalise(prompt)
+            if not pref.conversational:  # plain text trains prompt + reply: generate from the prompt's text
+                return _bos_ids(tokenizer) + tokenizer(pref.prompt, add_special_tokens=False)["input_ids"]
+            prompt = {"messages": pref.prompt, **({"tools": pref.tools} if pref.tools else {})}
+        if isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+            return _bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        task = "chat"
     if task == "chat":
         if isinstance(prompt, str):
             record = {"messages": [{"role": "user", "content": prompt}]}
@@ -161,7 +238,7 @@ def encode_prompt(tokenizer, task: str, prompt: str | list[dict] | dict, templat
 
 @dataclass
 class EncodedData:
-    examples: list[Example]
+    examples: list[Example] | list[PreferencePair]
     lines: list[int]
     truncated: int
     dropped: int
@@ -205,17 +282,17 @@ def encode_records(tokenizer, task: str, records: list[dict], lines: list[int], 
     out, kept_lines = [], []
     truncated = dropped = longest = total = 0
     for line, ex in encoded:
-        longest = max(longest, len(ex.input_ids))
-        if len(ex.input_ids) > max_seq_len:
+        longest = max(longest, ex.length)
+        if ex.length > max_seq_len:
             if overlong == "drop":
                 dropped += 1
                 continue
             truncated += 1
-            ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
-        if ex.num_targets == 0:  # nothing to learn after truncation
+            ex = ex.truncated(max_seq_len)  # keeps the start (a preference pair: both sequences)
+        if ex.num_targets == 0:  # nothing to learn after truncation (a pair: on either side)
             dropped += 1
             continue
-        total += len(ex.input_ids)
+        total += ex.n_tokens
         out.append(ex)
         kept_lines.append(line)
     return EncodedData(out, kept_lines, truncated, dropped, longest, total)

@@ -10,18 +10,20 @@ from __future__ import annotations
 import json
 import statistics
 
-from tuneforge.data.encode import Example, encode_each
+from tuneforge.data.encode import Example, PreferencePair, encode_each
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.errors import DataError, SpecError, TuneforgeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def token_stats(examples: list[Example], max_seq_len: int) -> dict:
-    lengths = [len(e.input_ids) for e in examples]
+def token_stats(examples: list[Example] | list[PreferencePair], max_seq_len: int) -> dict:
+    """Token counts of encoded examples (a preference pair: both sequences; its length: the longer one)."""
+    lengths = [e.length for e in examples]
+    sides = [side for e in examples for side in ((e.chosen, e.rejected) if isinstance(e, PreferencePair) else (e,))]
     return {
-        "tokens": sum(lengths),
-        "target_tokens": sum(e.num_targets for e in examples),
+        "tokens": sum(len(side.input_ids) for side in sides),
+        "target_tokens": sum(side.num_targets for side in sides),
         "longest": max(lengths, default=0),
         "mean_length": round(statistics.fmean(lengths), 1) if lengths else 0,
         "over_max_seq_len": sum(1 for n in lengths if n > max_seq_len),

@@ -101,8 +101,88 @@ def make_text(rng: random.Random) -> dict:
                     f"If {product} still does not start, contact support with its serial number."}
 
 
+# Preference: the preferred reply answers in the format the prompt asks for, the other says the same thing in
+# another form. Each family: (instruction, rule the preferred reply passes and the other fails).
+CAPITALS_QUESTIONS = (("What colour is snow?", "White"), ("What colour is grass?", "Green"),
+                      ("What colour is the sky on a clear day?", "Blue"), ("What colour is coal?", "Black"),
+                      ("What colour is a ripe banana?", "Yellow"), ("What colour is a ripe tomato?", "Red"),
+                      ("What is the opposite of hot?", "Cold"), ("What is the opposite of up?", "Down"),
+                      ("What is the opposite of fast?", "Slow"), ("What is the opposite of day?", "Night"),
+                      ("What is the opposite of open?", "Closed"), ("What is the opposite of full?", "Empty"),
+                      ("What do bees make?", "Honey"), ("What do cows drink?", "Water"),
+                      ("Which animal barks?", "A dog"), ("Which animal says meow?", "A cat"),
+                      ("What falls from clouds when it rains?", "Water"), ("What do we call frozen water?", "Ice"),
+                      ("Which season comes after winter?", "Spring"), ("Which season comes after summer?", "Autumn"),
+                      ("Which day comes after Monday?", "Tuesday"), ("Which day comes before Sunday?", "Saturday"),
+                      ("Which month comes after March?", "April"), ("How many legs does a spider have?", "Eight"),
+                      ("How many days are in a week?", "Seven"), ("How many sides does a triangle have?", "Three"))
+CAPITALS_ASKS = ("Answer in capital letters only.", "Reply in uppercase letters.", "Write your answer in capitals.")
+DIGIT_ASKS = ("Reply with digits only.", "Answer with the number in digits, nothing else.",
+              "Give only the number, written in digits.")
+JSON_ASKS = ('Reply only with JSON like {"city": "..."}.', 'Answer as a JSON object {"city": "..."} and nothing else.')
+ONE_WORD_ASKS = ("Answer in one word.", "Reply with a single word.")
+ONE_WORD_QUESTIONS = (("What do bees make?", "Honey", "Bees make honey."),
+                      ("What is frozen water called?", "Ice", "Frozen water is called ice."),
+                      ("What do you call a baby cat?", "Kitten", "A baby cat is called a kitten."),
+                      ("What do you call a baby dog?", "Puppy", "A baby dog is called a puppy."),
+                      ("What do you use to write on paper?", "Pen", "You usually use a pen to write on paper."),
+                      ("Where do fish live?", "Water", "Fish live in the water."),
+                      ("What do you wear on your feet?", "Shoes", "You wear shoes on your feet."),
+                      ("What do plants need from the sun?", "Light", "Plants need light from the sun."),
+                      ("What do you sleep in at night?", "Bed", "At night you sleep in a bed."),
+                      ("What shines in the sky at night?", "Moon", "The moon shines in the sky at night."),
+                      ("What do cows give us to drink?", "Milk", "Cows give us milk to drink."),
+                      ("What do you open to enter a house?", "Door", "You open the door to enter a house."),
+                      ("What do you read stories in?", "Books", "You read stories in books."),
+                      ("What do birds use to fly?", "Wings", "Birds use their wings to fly."),
+                      ("Which planet do we live on?", "Earth", "We live on the planet Earth."))
+UNITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def number_words(n: int) -> str:
+    """0..99 in English words."""
+    if n < 20:
+        return UNITS[n]
+    return TENS[n // 10] + ("-" + UNITS[n % 10] if n % 10 else "")
+
+
+def make_preference(rng: random.Random) -> dict:
+    """A prompt that asks for a format, the reply in that format (preferred) and the same answer in another
+    form (not preferred), and the `rules` that check a generated reply for the format (OpenAI's DPO format)."""
+    family = rng.choice(("capitals", "digits", "json", "one_word"))
+    if family == "capitals":
+        question, answer = rng.choice(CAPITALS_QUESTIONS)
+        prompt = f"{question} {rng.choice(CAPITALS_ASKS)}"
+        chosen, rejected = answer.upper() + ".", answer + "."
+        rules = [{"regex": r"^[^a-z]*[A-Z][^a-z]*$"}]
+    elif family == "digits":
+        op = rng.choice(("plus", "minus", "times"))
+        a, b = (rng.randint(2, 9), rng.randint(2, 9)) if op == "times" else (rng.randint(2, 49), rng.randint(2, 49))
+        a, b = (max(a, b), min(a, b)) if op == "minus" else (a, b)
+        value = {"plus": a + b, "minus": a - b, "times": a * b}[op]  # 0..98: number_words covers it
+        prompt = f"What is {number_words(a)} {op} {number_words(b)}? {rng.choice(DIGIT_ASKS)}"
+        chosen, rejected = str(value), number_words(value).capitalize() + "."
+        rules = [{"regex": r"^\d+$"}]
+    elif family == "json":
+        person, city = rng.choice(PEOPLE), rng.choice(PLACES)
+        first = person.split()[0]
+        prompt = f"{person} lives in {city}. Which city does {first} live in? {rng.choice(JSON_ASKS)}"
+        chosen, rejected = json.dumps({"city": city}), f"{first} lives in {city}."
+        rules = [{"regex": r'^\{"city": "[^"]+"\}$'}]
+    else:
+        question, word, sentence = rng.choice(ONE_WORD_QUESTIONS)
+        prompt = f"{question} {rng.choice(ONE_WORD_ASKS)}"
+        chosen, rejected = word + ".", sentence
+        rules = [{"regex": r"^\W*[A-Za-z]+\W*$"}]
+    return {"input": {"messages": [{"role": "user", "content": prompt}]},
+            "preferred_output": [{"role": "assistant", "content": chosen}],
+            "non_preferred_output": [{"role": "assistant", "content": rejected}], "rules": rules}
+
+
 GENERATORS = {"qa": make_qa, "translation": make_translation, "ner": make_ner, "creative": make_creative,
-              "text": make_text}
+              "text": make_text, "preference": make_preference}
 
 
 def write_dataset(name: str, out_dir: str | Path, n_train: int = 240, n_heldout: int = 120, n_valid: int = 40,

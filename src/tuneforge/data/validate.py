@@ -3,7 +3,7 @@
 Every problem in a file is collected (never just the first) as `FILE line N: field: problem`, so a
 user fixes a file in one pass. Pure Python: no tokenizer needed (what a chat template cannot render is
 checked when encoding, data/encode.py). Chat records (OpenAI's format) are checked in data/chat.py, NER
-records in data/ner.py.
+records in data/ner.py, preference pairs (OpenAI's DPO format or TRL's) in data/preference.py.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tuneforge.data.chat import check_chat, type_name, unknown_keys
 from tuneforge.data.ner import check_ner
+from tuneforge.data.preference import check_preference, looks_like_preference
 from tuneforge.errors import DataError, Problem
 
-TASKS = ("chat", "completion", "text", "classification", "qa", "translation", "creative", "ner")
+TASKS = ("chat", "completion", "text", "classification", "qa", "translation", "creative", "ner", "preference")
 RECORD_KEYS = {"completion": ("prompt", "completion"), "text": ("text",),
                "classification": ("text", "label"), "qa": ("question", "answer", "context"),
                "translation": ("source", "target", "source_lang", "target_lang")}
@@ -125,6 +126,12 @@ def validate_jsonl(path: str | os.PathLike, task: str, labels: list[str] | None 
             continue
         if task == "ner":
             errors, warnings = check_ner(rec), []
+        elif task == "preference":
+            errors, warnings = check_preference(rec)
+        elif task == "chat" and "messages" not in rec and looks_like_preference(rec):
+            errors, warnings = [("messages", "this is preference data (a prompt with a preferred and a "
+                                 "non-preferred reply), not a chat example; train it with task preference "
+                                 "(service: method dpo)")], []
         elif task == "creative":  # either a prompt/completion pair or free text
             errors, warnings = _check_strings(rec, "text" if "text" in rec else "completion")
         else:

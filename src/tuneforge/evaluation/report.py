@@ -8,7 +8,9 @@ from pathlib import Path
 from tuneforge.errors import CheckpointError
 
 HIGHER_IS_BETTER = ("accuracy", "macro_f1", "token_accuracy", "exact_match", "f1", "token_f1", "bleu", "chrf",
-                    "rule_pass_rate", "distinct_1", "distinct_2", "entity_precision", "entity_recall", "entity_f1")
+                    "rule_pass_rate", "distinct_1", "distinct_2", "entity_precision", "entity_recall", "entity_f1",
+                    "reward_accuracy", "reward_margin")
+NOT_A_SHARE = ("bleu", "chrf", "reward_margin")  # left out of the 0-1 bar chart
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -23,7 +25,7 @@ def _plot(base: dict, tuned: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in HIGHER_IS_BETTER if k in base and k in tuned and k not in ("bleu", "chrf")]  # 0-1 scale only
+    keys = [k for k in HIGHER_IS_BETTER if k in base and k in tuned and k not in NOT_A_SHARE]  # 0-1 scale only
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], [base[k] for k in keys], width=0.4, label="base")
@@ -35,6 +37,20 @@ def _plot(base: dict, tuned: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def _preference_notes(spec, base: dict, tuned: dict) -> list[str]:
+    """What the preference rows mean, and the tuned model's DPO reward accuracy against its base (the reference
+    of an adapter run), from the two models' log-probs of the same pairs."""
+    pairs = list(zip(base.pop("pair_logps"), tuned.pop("pair_logps")))
+    implicit = sum((t[0] - b[0]) > (t[1] - b[1]) for b, t in pairs) / max(len(pairs), 1)
+    tuned["implicit_reward_accuracy"] = implicit
+    p = spec.preference_settings
+    return ["", f"Preference tuning ({p.loss}, beta {p.beta:g}): reward_accuracy is the share of held-out pairs whose "
+            "preferred reply the model gives the higher log-probability, reward_margin the mean difference (nats); "
+            "rule_pass_rate checks the model's own greedy replies against each pair's rules. Against the base as "
+            f"reference, the fine-tuned model's DPO reward ranks the preferred reply first in {implicit:.1%} of the "
+            "pairs."]
 
 
 def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new_tokens: int = 64,
@@ -66,6 +82,8 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, *, max_new
             b, t = base[key], tuned[key]
             better = (t < b) if key in LOWER_IS_BETTER else (t > b)
             lines.append(f"| {key} | {b:.4g} | {t:.4g} | {'yes' if better else 'no'} |")
+    if spec.task == "preference":
+        lines += _preference_notes(spec, base, tuned)
     lines += ["", "![loss curve](loss_curve.png)", ""]
     if "outputs" in base:
         _plot(base, tuned, layout.before_after)

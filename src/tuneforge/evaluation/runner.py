@@ -1,5 +1,6 @@
 """Evaluate a model or run on held-out data: teacher-forced loss / perplexity / token accuracy on the
-trained tokens, plus generated answers (and rule checks) for tasks that have a reference answer."""
+trained tokens, plus generated answers (and rule checks) for tasks that have a reference answer; for
+preference pairs, how often the model prefers the preferred reply, and the rules of its own replies."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,12 +62,64 @@ def prompt_and_reference(task: str, record: dict) -> tuple[str | list[dict], str
     return None
 
 
+def preference_scores(loaded, records: list[dict], *, max_seq_len: int = 512, batch_size: int = 8,
+                      source: str | None = None) -> dict:
+    """Held-out preference pairs: `reward_accuracy`, the share of pairs whose preferred reply the model gives the
+    higher log-probability (summed over the reply's tokens, the quantity DPO's reward is made of), and
+    `reward_margin`, the mean difference of the two (nats). `pair_logps` keeps each pair's (chosen, rejected)
+    log-probs, so a tuned model's DPO reward against its base can be computed from the two models' scores."""
+    data = encode_records(loaded.tokenizer, "preference", records, list(range(1, len(records) + 1)), max_seq_len,
+                          source=source)
+    if not data.examples:
+        from tuneforge.errors import DataError
+
+        raise DataError(f"{source or 'the held-out data'}: no pair has a reply left to score at max_seq_len="
+                        f"{max_seq_len}; raise --max-seq-len")
+    n = len(data.examples)
+    scores = continuation_logprobs(loaded.model, loaded.tokenizer, [p.chosen for p in data.examples]
+                                   + [p.rejected for p in data.examples], batch_size)
+    chosen, rejected = scores[:n], scores[n:]
+    return {"examples": len(records), "pairs": n,
+            "reward_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+            "reward_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
+            "pair_logps": [[c, r] for c, r in zip(chosen, rejected)]}
+
+
+def evaluate_preference(loaded, records: list[dict], *, max_seq_len: int = 512, batch_size: int = 8,
+                        max_new_tokens: int = 64, generate_n: int | None = None, progress: bool = True,
+                        source: str | None = None) -> dict:
+    """`preference_scores`, plus the model's own replies to the prompts and the share of their `rules` they pass
+    (the rule the preferred replies follow)."""
+    from tuneforge.data.preference import normalise
+    from tuneforge.inference import generate
+
+    result = preference_scores(loaded, records, max_seq_len=max_seq_len, batch_size=batch_size, source=source)
+    shown = records[:generate_n] if generate_n else records
+    outputs = generate(loaded, list(shown), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    rules = [r.get("rules") for r in shown]
+    if any(rules):
+        checks = [rule_checks(o, rs) for o, rs in zip(outputs, rules) if rs]
+        result["rule_pass_rate"] = sum(c["passed"] for c in checks) / max(sum(c["total"] for c in checks), 1)
+
+    def text(value) -> str:
+        return value if isinstance(value, str) else chat.message_text(value[-1]) if value else ""
+
+    prefs = [normalise(r) for r in shown]
+    result["outputs"] = [{"prompt": text(p.prompt), "reference": text(p.chosen), "output": o}
+                         for p, o in zip(prefs, outputs)]
+    return result
+
+
 def evaluate_records(loaded, task: str, records: list[dict], *, max_seq_len: int = 512, batch_size: int = 8,
                      max_new_tokens: int = 64, generate_n: int | None = None, labels: list[str] | None = None,
                      progress: bool = True, source: str | None = None) -> dict:
     """Metrics for `loaded` (an api.LoadedModel) on validated records; outputs kept for reports."""
     from tuneforge.inference import generate
 
+    if task == "preference":
+        return evaluate_preference(loaded, records, max_seq_len=max_seq_len, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, generate_n=generate_n, progress=progress,
+                                   source=source)
     tok, model = loaded.tokenizer, loaded.model
     data = encode_records(tok, task, records, list(range(1, len(records) + 1)), max_seq_len,
                           template=loaded.prompt_template, source=source)

@@ -137,6 +137,7 @@ def _result(m: Measured, predicted, **extra) -> dict:
     return {"peak_rss_mb": m.peak_rss_mb, "step_seconds": m.step_seconds,
             "trainable_params": m.summary["trainable_params"], "total_params": m.summary["total_params"],
             "eval_loss": m.summary.get("final_eval_loss"), "train_loss": m.summary.get("final_train_loss"),
+            "eval_reward_accuracy": m.summary.get("final_eval_reward_accuracy"),  # task preference
             "predicted_peak_mb": predicted.predicted_peak_mb, "predicted_step_seconds": predicted.predicted_step_seconds,
             "gradient_checkpointing": predicted.gradient_checkpointing, **extra}
 

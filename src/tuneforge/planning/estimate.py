@@ -155,11 +155,12 @@ def static_bytes(counts: ParamCounts, method: str, base_dtype: torch.dtype, opti
 
 
 def step_flops(counts: ParamCounts, config, method: str, tokens: int, seq_len: int, targets: int | None = None,
-               gradient_checkpointing: bool = False, chunked_loss: bool = True) -> float:
+               gradient_checkpointing: bool = False, chunked_loss: bool = True, reference_pass: bool = False) -> float:
     """Matmul FLOPs of one micro-batch of `tokens` tokens (rows of `seq_len`): forward 2 FLOPs per weight per
     token plus causal attention; backward the input gradients (1x forward) and, for full fine-tuning, the
     weight gradients (another 1x); gradient checkpointing recomputes the decoder forward. The chunked loss
-    projects only the `targets` positions through the head. Adapters add ~r/hidden: ignored (< 3 %)."""
+    projects only the `targets` positions through the head. Adapters add ~r/hidden: ignored (< 3 %).
+    `reference_pass`: DPO's no-grad forward of the same rows with the adapter off (one more forward)."""
     targets = tokens if targets is None else targets
     head_tokens = targets if chunked_loss else tokens
     decoder = 2 * (counts.matmul_params - counts.head_params) * tokens
@@ -172,4 +173,6 @@ def step_flops(counts: ParamCounts, config, method: str, tokens: int, seq_len: i
     total = forward * (1 + backward_passes)
     if gradient_checkpointing:
         total += decoder + attention
+    if reference_pass:
+        total += forward
     return float(total)

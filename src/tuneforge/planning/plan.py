@@ -5,6 +5,9 @@ Peak memory = (CPU) the process baseline (planning/calibrate.py) + the live-tens
 step measured on a 1- and 2-layer cut of the model and extrapolated (planning/probe.py); (GPU) the live
 peak plus the CUDA context. Step time = the probe's measured time scaled by FLOPs (estimate.step_flops).
 Parameter and byte columns are exact arithmetic on the meta-device model (planning/estimate.py).
+Task preference: a micro-batch of B pairs is 2B rows (both replies), and DPO with an adapter adds a no-grad
+reference forward of those rows per micro-batch (the adapter switched off); a precomputed reference (full
+fine-tuning) costs one forward over the data before the first step instead, not in the step time.
 Data-parallel strategies (ddp, zero1/2/3) are per-rank arithmetic on top of the single-process figures:
 DDP keeps a second copy of the gradients in its buckets; ZeRO-1 shards the optimizer state, ZeRO-2 also the
 gradients, ZeRO-3 also the weights (each rank then gathers one layer's weights at a time).
@@ -123,12 +126,15 @@ def run_shape(spec, method: str, device: torch.device, rows: int, seq_len: int) 
 def micro_batch(spec, longest: int | None = None) -> tuple[int, int]:
     """(rows, row length) of the largest micro-batch the run will see: batch_size rows of the longest
     example (max_seq_len unless the data are known to be shorter), split by micro_batch_tokens; packed
-    batches are one row."""
+    batches are one row; preference pairs are two rows each."""
     t = spec.training
     seq = min(longest or t.max_seq_len, t.max_seq_len)
     rows = t.batch_size
     if t.micro_batch_tokens:
-        rows = max(1, min(rows, t.micro_batch_tokens // seq)) if not t.packing else rows
+        per_row = 2 * seq if spec.task == "preference" else seq
+        rows = max(1, min(rows, t.micro_batch_tokens // per_row)) if not t.packing else rows
+    if spec.task == "preference":
+        return 2 * rows, seq
     if t.packing:
         total = rows * seq
         if t.micro_batch_tokens:
@@ -146,7 +152,7 @@ def data_lengths(spec) -> list[int] | None:
         reports = check_data_files(spec)
         tokenizer = load_tokenizer(resolve_model(spec.model), spec.trust_remote_code)
         train, _, _ = prepare_data(spec, tokenizer, reports)
-        return [len(e.input_ids) for e in train.examples] or None
+        return [e.length for e in train.examples] or None  # a preference pair: its longer reply's row
     except (TuneforgeError, OSError, ValueError):
         return None
 
@@ -159,6 +165,14 @@ def row_lengths(lengths: list[int] | None, seq: int, packing: bool) -> tuple[int
     ordered = sorted(min(n, seq) for n in lengths)
     quartiles = {ordered[int(q * (len(ordered) - 1))] for q in (0.25, 0.5, 0.75)}
     return tuple(sorted((n for n in quartiles if n < seq), reverse=True))
+
+
+def reference_pass(spec, method: str) -> bool:
+    """Whether each micro-batch of `spec` trained with `method` has DPO's reference forward (adapter off)."""
+    if spec.task != "preference":
+        return False
+    p = spec.preference_settings
+    return p.loss == "dpo" and p.reference == "auto" and method != "full"
 
 
 def weight_file_bytes(model_path, config) -> int:
@@ -222,8 +236,8 @@ def plan(spec, *, methods: tuple[str, ...] = METHODS, strategies: tuple[str, ...
     baseline = process_baseline_mb(model_path, use_cache=use_cache) if device == "cpu" else CUDA_CONTEXT_MB
     result = Plan(spec.model, device, memory_mb, nproc, rows, seq, t.grad_accum, total_steps, baseline)
     for method in methods:
-        if method == "prompt_tuning" and t.packing:
-            continue  # the spec refuses this combination
+        if method == "prompt_tuning" and (t.packing or spec.task == "preference"):
+            continue  # the spec refuses these combinations
         shape = replace(run_shape(spec, method, target, rows, seq), lengths=row_lengths(lengths, seq, t.packing))
         counts = count_params(config, method, spec.adapter)
         static = static_bytes(counts, method, getattr(torch, shape.base_dtype), t.optimizer)
@@ -233,7 +247,8 @@ def plan(spec, *, methods: tuple[str, ...] = METHODS, strategies: tuple[str, ...
         chunked = dict(shape.kernels)["loss"] == "chunked" and method != "prompt_tuning"
         context = min(seq, t.max_seq_len) if t.packing else seq  # packed: attention within each document
         flops_micro = step_flops(counts, config, method, rows * seq, context,
-                                 gradient_checkpointing=shape.gradient_checkpointing, chunked_loss=chunked)
+                                 gradient_checkpointing=shape.gradient_checkpointing, chunked_loss=chunked,
+                                 reference_pass=reference_pass(spec, method))
         # no probe when the static bytes alone cannot fit (e.g. full fine-tuning of 3.8B in 24 GB) or a cut is too big
         note = ""
         measured = None

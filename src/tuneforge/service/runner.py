@@ -26,12 +26,14 @@ import time
 from pathlib import Path
 
 from tuneforge.service.context import ServiceContext
-from tuneforge.service.jobs.service import add_event, ft_model_name, new_id
+from tuneforge.service.jobs.service import add_event, ft_model_name, new_id, prepare_base
 from tuneforge.service.settings import ServiceSettings
 from tuneforge.service.storage.store import now
 from tuneforge.training.entry import RESULT, write_result
 from tuneforge.training.events import RunEvent
-from tuneforge.training.run_dir import EVAL_ACCURACY, EVAL_LOSS, TRAIN_ACCURACY, TRAIN_LOSS, RunDir
+from tuneforge.training.run_dir import (EVAL_ACCURACY, EVAL_LOSS, EVAL_REWARD_ACCURACY, EVAL_REWARD_MARGIN,
+                                        LOGPS_CHOSEN, LOGPS_REJECTED, REWARD_ACCURACY, REWARD_MARGIN, TRAIN_ACCURACY,
+                                        TRAIN_LOSS, RunDir)
 
 EXIT_OK, EXIT_FAILED, EXIT_CRASHED, EXIT_STOPPED, EXIT_LOST = 0, 1, 2, 3, 4
 ESTIMATE_EVERY_SECONDS = 2.0
@@ -39,11 +41,17 @@ OWNER_CHECK_SECONDS = 1.0
 # The engine's step metrics under the names OpenAI's metrics events and checkpoints use.
 OPENAI_METRICS = {TRAIN_LOSS: "train_loss", TRAIN_ACCURACY: "train_mean_token_accuracy", EVAL_LOSS: "valid_loss",
                   EVAL_ACCURACY: "valid_mean_token_accuracy"}
+# DPO jobs' step metrics besides the loss (present only in their records), in the same style.
+PREFERENCE_METRICS = {REWARD_ACCURACY: "train_reward_accuracy", REWARD_MARGIN: "train_reward_margin",
+                      LOGPS_CHOSEN: "train_chosen_logprob", LOGPS_REJECTED: "train_rejected_logprob",
+                      EVAL_REWARD_ACCURACY: "valid_reward_accuracy", EVAL_REWARD_MARGIN: "valid_reward_margin"}
 
 
 def openai_metrics(record: dict) -> dict:
-    """A step's metrics (a `step` event's data, a metrics.jsonl row) as OpenAI names them; absent ones are None."""
-    return {"step": record["step"], **{name: record.get(ours) for ours, name in OPENAI_METRICS.items()}}
+    """A step's metrics (a `step` event's data, a metrics.jsonl row) as OpenAI names them; absent ones are None
+    (a DPO job's preference metrics are there only when the record has them)."""
+    return {"step": record["step"], **{name: record.get(ours) for ours, name in OPENAI_METRICS.items()},
+            **{name: record[ours] for ours, name in PREFERENCE_METRICS.items() if ours in record}}
 
 
 def job_dir(ctx: ServiceContext, job_id: str) -> Path:
@@ -105,6 +113,8 @@ class JobEvents:
         data = {**openai_metrics({**d, "step": e.step}), "total_steps": e.total_steps}
         self.metrics[e.step] = data
         message = f"Step {e.step}/{e.total_steps}: training loss={d[TRAIN_LOSS]:.4f}"
+        if d.get(REWARD_ACCURACY) is not None:
+            message += f", reward accuracy={d[REWARD_ACCURACY]:.2f}, reward margin={d[REWARD_MARGIN]:.4f}"
         if d.get(EVAL_LOSS) is not None:
             message += f", validation loss={d[EVAL_LOSS]:.4f}"
         add_event(self.ctx, self.job["id"], message, type="metrics", data=data, dedup=f"step:{e.step}")
@@ -196,6 +206,8 @@ def run(job_id: str, worker_id: str | None = None) -> int:
             return_big_buffers_to_os()  # process-wide: this process is this job's alone
         org = ctx.store.get_org(job["org_id"])
         events = JobEvents(ctx, job, ft_model_name(job["model"], org["name"], job["suffix"], job_id), spec, worker_id)
+        if prepare_base(ctx, job, spec):  # a job on an org's fine-tuned adapter: merged into its base, once
+            add_event(ctx, job_id, f"Merged {job['model']} into the base weights this job trains on", dedup="merged")
         run = RunDir(spec.output_dir)
         resume = run.latest_checkpoint() is not None
         if resume:

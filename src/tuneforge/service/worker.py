@@ -29,7 +29,7 @@ from tuneforge.process import die_with_parent
 from tuneforge.service.errors import job_error
 from tuneforge.service.context import ServiceContext
 from tuneforge.service.jobs.service import add_event, event, ft_model_name, validate_files
-from tuneforge.service.runner import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, job_dir, openai_metrics
+from tuneforge.service.runner import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, PREFERENCE_METRICS, job_dir, openai_metrics
 from tuneforge.service.settings import ServiceSettings
 from tuneforge.service.storage.store import now
 from tuneforge.training.entry import read_result
@@ -39,14 +39,15 @@ log = logging.getLogger("tuneforge.service.worker")
 VALIDATION_GRACE_SECONDS = 60
 def results_csv(run: RunDir) -> bytes:
     """OpenAI's results file: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy (its one
-    name that differs from the metrics events': train_accuracy)."""
+    name that differs from the metrics events': train_accuracy); a DPO job's preference metrics after them."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
-    for r in run.read_metrics():
-        m = openai_metrics(r)
-        writer.writerow(["" if m[k] is None else m[k] for k in ("step", "train_loss", "train_mean_token_accuracy",
-                                                                "valid_loss", "valid_mean_token_accuracy")])
+    rows = [openai_metrics(r) for r in run.read_metrics()]
+    extra = [k for k in PREFERENCE_METRICS.values() if any(k in m for m in rows)]
+    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy", *extra])
+    for m in rows:
+        writer.writerow(["" if m.get(k) is None else m[k] for k in ("step", "train_loss", "train_mean_token_accuracy",
+                                                                    "valid_loss", "valid_mean_token_accuracy", *extra)])
     return out.getvalue().encode()
 
 

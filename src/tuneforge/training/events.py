@@ -18,7 +18,9 @@ EventKind = Literal["info", "warning", "started", "step", "checkpoint", "stopped
 class RunEvent:
     """One thing that happened in a run. `step` events carry the step's metrics in `data`
     (train_loss, lr, grad_norm, epoch, tokens_per_second, and eval_loss/eval_token_accuracy when
-    validation ran at that step); `started` carries the run's shape (steps, examples, parameters)."""
+    validation ran at that step; task preference: reward_accuracy, reward_margin, logps_chosen,
+    logps_rejected, eval_reward_accuracy, eval_reward_margin instead of the token accuracies);
+    `started` carries the run's shape (steps, examples, parameters)."""
 
     kind: EventKind
     message: str
@@ -85,6 +87,8 @@ class RunSummary(BaseModel):
     final_train_loss: float | None
     final_eval_loss: float | None
     final_eval_token_accuracy: float | None
+    final_eval_reward_accuracy: float | None = None  # task preference: validation pairs whose preferred reply wins
+    preference_reference: str | None = None  # task preference: "adapter" (switched off), "precomputed" or "none"
     eval_step: int | None
     precision: str
     grad_scaler: bool = False
@@ -121,6 +125,9 @@ class ConsoleProgress:
             if self.bar is not None:
                 d = event.data
                 post = {"loss": f"{d['train_loss']:.4f}", "lr": f"{d['lr']:.2e}", "tok/s": f"{d['tokens_per_second']:.0f}"}
+                if "reward_accuracy" in d:  # task preference
+                    post["acc"] = f"{d['reward_accuracy']:.2f}"
+                    post["margin"] = f"{d['reward_margin']:.3f}"
                 if "eval_loss" in d:
                     post["eval"] = f"{d['eval_loss']:.4f}"
                 self.bar.set_postfix(post, refresh=False)

@@ -86,6 +86,45 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: tor
         return _LinearCrossEntropy.apply(h, weight, targets, dtype, chunk)
 
 
+class _LinearTokenLogProbs(torch.autograd.Function):
+    """log p(t_i | h_i) = (h_i @ W^T)[t_i] - logsumexp(h_i @ W^T) per row i, chunked; d/dh computed in forward
+    (a frozen W: each row's log-prob depends on its own h_i only, so backward is a per-row scale)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, compute_dtype, chunk):
+        # h (N, H), weight (V, H), targets (N,) -> (N,) fp32
+        w = weight.detach().to(compute_dtype)
+        need_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(h) if need_grad else None
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk].detach().to(compute_dtype), targets[s : s + chunk]
+            logits = (hc @ w.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            out[s : s + chunk] = logits.gather(1, tc[:, None]).squeeze(1) - lse
+            if need_grad:  # d logp / d logits = onehot - softmax
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+                grad_h[s : s + chunk] = (probs.to(compute_dtype) @ w).neg_().to(h.dtype)
+        ctx.save_for_backward(grad_h if need_grad else torch.empty(0))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None
+
+
+def linear_token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Each row's log-probability of its target under `h @ weight.T` (N,), without materialising all logits.
+    `weight` must be frozen (its gradient is not computed): the caller falls back to full logits otherwise."""
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _LinearTokenLogProbs.apply(h, weight, targets, dtype, chunk)
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model sees: padded batches carry an attention mask, packed ones restarting positions
     (transformers derives the per-example mask from those only when there is no KV cache)."""

@@ -10,9 +10,15 @@ Features and their cost:
 - Length-grouped batches (less padding); gradient checkpointing (less memory, ~30 % slower).
 - `training.kernels`: tuneforge's fused loss / norm / dropout / LoRA paths or the libraries' own,
   resolved once and recorded in the summary (training/kernels.py).
-- Periodic validation (loss, token accuracy); atomic checkpoints with optimizer, scheduler, scaler,
-  RNG, data position and the schedule's horizon, so `resume=True` continues exactly where a run
-  stopped, was stopped (`stop`), or was killed; a damaged newest checkpoint falls back to the one before.
+- task preference (training/preference.py): DPO or ORPO over (chosen, rejected) pairs, both replies of a pair
+  rows of one batch (2x the sequences of a supervised step). DPO's reference is the model with its adapter
+  off, a no-grad pass per micro-batch (~+50 % step time for LoRA, no second model in memory), or precomputed
+  once before the first step (one forward over the data; full fine-tuning always) and kept in the run folder.
+  The loss is normalised by the pairs of the whole accumulated step, as supervised losses by target tokens.
+- Periodic validation (loss, token accuracy; preference: loss, reward accuracy and margin); atomic checkpoints
+  with optimizer, scheduler, scaler, RNG, data position and the schedule's horizon, so `resume=True` continues
+  exactly where a run stopped, was stopped (`stop`), or was killed; a damaged newest checkpoint falls back to
+  the one before.
 - Everything is checked (spec, output folder, model, data, eval data) before anything is written or
   deleted; `overwrite=True` then removes only what an earlier run wrote (files.py).
 - No printing: progress, metrics and warnings go to `on_event` (the CLI draws a bar from them);
@@ -36,7 +42,8 @@ import torch
 import yaml
 
 from tuneforge import files
-from tuneforge.data.batching import collate, collate_packed, real_tokens, split_by_tokens, step_groups
+from tuneforge.data.batching import (collate, collate_packed, collate_pairs, real_tokens, split_by_tokens,
+                                     step_groups)
 from tuneforge.data.encode import EncodedData, encode_records
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.distributed import ForwardLoss, Strategy, build_strategy
@@ -53,7 +60,11 @@ from tuneforge.training.kernels import Kernels, effective_dropout, install_kerne
 from tuneforge.models.head import output_head
 from tuneforge.training.loss import count_targets, dataset_loss, loss_fn_for
 from tuneforge.training.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
-from tuneforge.training.run_dir import EVAL_ACCURACY, EVAL_LOSS, TRAIN_ACCURACY, TRAIN_LOSS, RunDir
+from tuneforge.training.preference import (PreferenceLoss, attach_reference, count_pairs, dataset_preference_metrics,
+                                          load_reference, metrics_from_stats, precompute_reference,
+                                          reference_fingerprint, save_reference)
+from tuneforge.training.run_dir import (EVAL_ACCURACY, EVAL_LOSS, EVAL_REWARD_ACCURACY, TRAIN_ACCURACY, TRAIN_LOSS,
+                                        RunDir)
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +400,7 @@ class Recipe:
         if spec.data.chat_template:  # saved with the tokenizer, so the trained model keeps using it
             self.tokenizer.chat_template = spec.data.chat_template
         self.train_data, self.valid_data, self.warnings = prepare_data(spec, self.tokenizer, reports)
-        self.lengths = [len(e.input_ids) for e in self.train_data.examples]
+        self.lengths = [e.length for e in self.train_data.examples]  # a preference pair: its longer side
         self.steps_per_epoch = len(self.step_groups(epoch=0))
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         # The learning-rate schedule is fixed when a run starts; resuming may stop it earlier, not stretch it.
@@ -438,9 +449,15 @@ class Recipe:
 
     def setup_optimizer(self) -> None:
         t, strategy = self.t, self.strategy
+        self.preference = self.reference_table = self.valid_reference_table = None
+        if self.spec.task == "preference":  # the loss sums over pairs; reference passes go through the same forward
+            p = self.spec.preference_settings
+            self.preference = PreferenceLoss(self.model, loss=p.loss, beta=p.beta, reference=self.reference,
+                                             chunked=self.chunked)
         # forward(batch) -> (loss sum, correct) as one module, so DDP / FSDP2 / DeepSpeed see every forward
         strategy.heartbeat("sharding the model")
-        self.forward = strategy.wrap(ForwardLoss(self.model, loss_fn_for(self.model, chunked=self.chunked)))
+        loss_fn = self.preference or loss_fn_for(self.model, chunked=self.chunked)
+        self.forward = strategy.wrap(ForwardLoss(self.model, loss_fn))
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # after wrap: FSDP2's shards, if sharded
         self.optimizer = strategy.build_optimizer(
             self.params, lambda ps: build_optimizer(ps, t.optimizer, t.lr, t.weight_decay), t.lr, t.weight_decay)
@@ -450,6 +467,42 @@ class Recipe:
     @property
     def chunked(self) -> bool:
         return self.kernels.loss == "chunked"
+
+    @property
+    def reference(self) -> str | None:
+        """Where DPO's reference log-probs come from: "adapter" (switched off, per micro-batch), "precomputed"
+        (full fine-tuning has no adapter to switch off), "none" (ORPO); None for other tasks."""
+        if self.spec.task != "preference":
+            return None
+        p = self.spec.preference_settings
+        if p.loss == "orpo":
+            return "none"
+        return "precomputed" if p.reference == "precomputed" or self.spec.method == "full" else "adapter"
+
+    def setup_reference(self) -> None:
+        """A precomputed reference: read back from the run folder (resuming: a full fine-tune's weights have moved
+        on, so it cannot be recomputed), or one no-grad pass over the train and validation pairs before the first
+        step, written atomically beside the checkpoints."""
+        if self.reference != "precomputed":
+            return
+        path = self.run_dir.reference_logps
+        fingerprint = reference_fingerprint(self.train_data, self.valid_data, self.spec, self.autocast_dtype)
+        tables = load_reference(path, fingerprint) if self.plan.resume else None
+        if tables is None and self.plan.resume and self.progress.step > 0 and self.spec.method == "full":
+            raise CheckpointError(f"--resume: {path} is missing or was made for other data or settings; a full "
+                                  "fine-tune's reference is its weights before the first step, which are gone: "
+                                  "start the run again (--overwrite)")
+        if tables is None:
+            self.strategy.heartbeat("computing the reference log-probs")
+            self.emit("info", f"computing the reference log-probs of {len(self.train_data.examples)} pairs "
+                              "(once, before the first step)")
+            args = (self.t.batch_size, self.tokenizer.pad_token_id, self.device, self.autocast_dtype)
+            tables = {"train": precompute_reference(self.forward, self.preference, self.train_data, *args)}
+            if self.valid_data is not None:
+                tables["validation"] = precompute_reference(self.forward, self.preference, self.valid_data, *args)
+            if self.strategy.is_main:
+                save_reference(path, tables, fingerprint)
+        self.reference_table, self.valid_reference_table = tables["train"], tables.get("validation")
 
     def load_checkpoint(self) -> None:
         """Resume: restore the newest readable checkpoint (a damaged one is named, and the one before it used)."""
@@ -495,7 +548,8 @@ class Recipe:
             "started",
             f"tuneforge: {spec.method} on {spec.model} ({self.model.config.model_type}), {self.trainable:,} trainable "
             f"/ {self.total_params:,} params ({100 * self.trainable / max(self.total_params, 1):.2f}%), "
-            f"{len(self.train_data.examples)} train examples, {self.total_steps} steps, device {self.device}, "
+            f"{len(self.train_data.examples)} train {'pairs' if self.preference else 'examples'}, {self.total_steps} "
+            f"steps, device {self.device}, "
             f"precision {self.autocast_dtype or torch.float32}"
             + (f", {world} ranks ({strategy.name}), global batch {t.batch_size} x {t.grad_accum} x {world} = "
                f"{t.batch_size * t.grad_accum * world}" if world > 1 else ""),
@@ -535,20 +589,19 @@ class Recipe:
     def train_step(self, micro_batches: list[list[int]], steps_in_epoch: int) -> dict:
         """One optimizer step over this rank's micro-batches (example indices); returns the step's metrics."""
         t, strategy, p = self.t, self.strategy, self.progress
-        pad_id = self.tokenizer.pad_token_id
         tick = time.perf_counter()
         strategy.heartbeat(f"step {p.step + 1}: forward/backward")
+        pairs = self.preference is not None  # a pair is two rows: half the examples fit a token budget
+        budget = t.micro_batch_tokens // 2 if pairs and t.micro_batch_tokens else t.micro_batch_tokens
         micro_batches = [part for mb in micro_batches
-                         for part in split_by_tokens(mb, self.lengths, t.micro_batch_tokens, t.packing)]
-        examples = self.train_data.examples
-        batches = [collate_packed([examples[i] for i in mb]) if t.packing else collate([examples[i] for i in mb], pad_id)
-                   for mb in micro_batches]
+                         for part in split_by_tokens(mb, self.lengths, budget, t.packing)]
+        batches = [self.collate(mb) for mb in micro_batches]
         step_tokens = sum(real_tokens(b) for b in batches)
         if strategy.world_size > 1:  # equal forward counts on every rank (wrappers communicate in each)
-            batches += [_empty_batch(self.train_data, pad_id, t.packing)] * (
-                int(strategy.all_reduce_max(len(batches))) - len(batches))
-        # Normalise by the targets of the whole accumulated batch (across processes too).
-        n_targets = strategy.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
+            batches += [self.empty_batch()] * (int(strategy.all_reduce_max(len(batches))) - len(batches))
+        # Normalise by the targets (preference: pairs) of the whole accumulated batch (across processes too).
+        count = count_pairs if pairs else (lambda b: count_targets(b["labels"]))
+        n_targets = strategy.all_reduce_sum(sum(count(b) for b in batches))
         loss_sum, correct_sum = forward_backward(self.forward, batches, n_targets, strategy, self.scaler, self.device,
                                                  self.autocast_dtype)
         step_tokens = int(strategy.all_reduce_sum(step_tokens))  # the global batch's real tokens
@@ -562,16 +615,46 @@ class Recipe:
         self.train_seconds += time.perf_counter() - tick
         self.last_loss = strategy.all_reduce_sum(loss_sum) / n_targets
         p.tokens_seen += step_tokens
-        return {TRAIN_LOSS: self.last_loss, TRAIN_ACCURACY: strategy.all_reduce_sum(correct_sum) / n_targets,
+        if pairs:
+            stats = {k: strategy.all_reduce_sum(v) for k, v in self.preference.take_stats().items()}
+            task_metrics = metrics_from_stats(stats)
+        else:
+            task_metrics = {TRAIN_ACCURACY: strategy.all_reduce_sum(correct_sum) / n_targets}
+        return {TRAIN_LOSS: self.last_loss, **task_metrics,
                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "epoch": p.epoch + p.step_in_epoch / steps_in_epoch,
                 "tokens_per_second": self.session_tokens / self.train_seconds}
 
+    def collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        """The micro-batch of training examples `ids`: padded, packed, or (preference) 2 x len(ids) rows with
+        their precomputed reference log-probs when there are some."""
+        examples, pad_id = self.train_data.examples, self.tokenizer.pad_token_id
+        if self.preference is not None:
+            return attach_reference(collate_pairs([examples[i] for i in ids], pad_id), self.reference_table, ids)
+        return collate_packed([examples[i] for i in ids]) if self.t.packing else collate([examples[i] for i in ids],
+                                                                                           pad_id)
+
+    def empty_batch(self) -> dict[str, torch.Tensor]:
+        """A micro-batch with no targets (loss 0, gradient 0): keeps a rank in step with its peers when the
+        global step has fewer micro-batches than ranks x accumulation (the end of an epoch)."""
+        from tuneforge.data.encode import IGNORE_INDEX
+
+        batch = self.collate([0])
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        return batch
+
     def validate(self) -> dict:
-        """Validation loss and token accuracy over the whole validation set. Several ranks: through the wrapped
-        forward (sharded weights are gathered only inside it), every rank over the whole set, in the same order."""
+        """Validation loss and token accuracy (preference: loss, reward accuracy and margin) over the whole
+        validation set. Several ranks: through the wrapped forward (sharded weights are gathered only inside it),
+        every rank over the whole set, in the same order."""
         self.strategy.heartbeat(f"step {self.progress.step}: validation")
         distributed = self.strategy.world_size > 1
+        if self.preference is not None:
+            self.last_eval = dataset_preference_metrics(
+                self.forward, self.preference, self.model, self.valid_data, self.t.batch_size,
+                self.tokenizer.pad_token_id, self.device, self.autocast_dtype, self.valid_reference_table)
+            self.last_eval_step = self.progress.step
+            return self.last_eval
         self.last_eval = dataset_loss(self.forward if distributed else self.model, self.valid_data, self.t.batch_size,
                                       self.tokenizer.pad_token_id, self.device, self.autocast_dtype,
                                       chunked=self.chunked, loss_fn=self.forward if distributed else None)
@@ -611,7 +694,9 @@ class Recipe:
             tokens_per_second=self.session_tokens / self.train_seconds if self.train_seconds else 0.0,
             peak_rss_mb=peak_rss_mb(), rank_peak_rss_mb=rank_peaks, final_train_loss=self.last_loss,
             final_eval_loss=self.last_eval[EVAL_LOSS] if self.last_eval else None,
-            final_eval_token_accuracy=self.last_eval[EVAL_ACCURACY] if self.last_eval else None,
+            final_eval_token_accuracy=self.last_eval.get(EVAL_ACCURACY) if self.last_eval else None,
+            final_eval_reward_accuracy=self.last_eval.get(EVAL_REWARD_ACCURACY) if self.last_eval else None,
+            preference_reference=self.reference,
             eval_step=self.last_eval_step if self.last_eval else None,
             precision=str(self.autocast_dtype or torch.float32).removeprefix("torch."),
             grad_scaler=self.scaler.is_enabled(), base_dtype=str(self.base_dtype).removeprefix("torch."),
@@ -653,6 +738,7 @@ class Recipe:
             self.setup_optimizer()
             self.load_checkpoint()
             self.prepare_output()
+            self.setup_reference()
             self.train()
             return self.finish()
         except RuntimeError as e:  # a dead or silent peer: name it instead of a collective's traceback
@@ -701,14 +787,3 @@ def _emitter(on_event: EventHandler | None):
         (log.warning if kind == "warning" else log.info)(message) if on_event is None else on_event(event)
 
     return emit
-
-
-def _empty_batch(data: EncodedData, pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    """A micro-batch with no targets (loss 0, gradient 0): keeps a rank in step with its peers when the
-    global step has fewer micro-batches than ranks x accumulation (the end of an epoch)."""
-    from tuneforge.data.encode import IGNORE_INDEX
-
-    example = data.examples[0]
-    batch = collate_packed([example]) if packing else collate([example], pad_id)
-    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-    return batch

@@ -4,6 +4,7 @@
       .tuneforge-run            marker: tuneforge made this folder (files.py's delete guard reads it)
       spec.yaml                 the resolved job spec the run was started with
       metrics.jsonl             one object per logged step (METRICS below), tensorboard/ beside it
+      reference_logps.safetensors  task preference with a precomputed reference: its log-probs per pair
       checkpoints/step-000050/  a resumable checkpoint (CheckpointDir), written under .tmp-step-* and renamed
       adapter/ | model/         the trained adapter (peft format) or, for full fine-tuning, the model
       summary.json              the RunSummary of a finished run
@@ -24,11 +25,19 @@ from tuneforge import files
 # What a run writes into its folder: `files.remove_run_outputs` deletes these and nothing else.
 OUTPUTS = ("checkpoints", "adapter", "model", ".tmp-adapter", ".tmp-model", "tensorboard", "summary.json",
            "metrics.jsonl", "spec.yaml", "loss_curve.png", "report.md", "report.json", "before_after.png",
-           "demo_report.json", "result.csv")
+           "demo_report.json", "result.csv", "reference_logps.safetensors", ".tmp-reference_logps.safetensors")
 # The metrics a step logs (metrics.jsonl, `step` events): losses and token accuracies of training and validation.
 TRAIN_LOSS, TRAIN_ACCURACY, EVAL_LOSS, EVAL_ACCURACY = ("train_loss", "train_token_accuracy", "eval_loss",
                                                         "eval_token_accuracy")
-METRICS = (TRAIN_LOSS, TRAIN_ACCURACY, EVAL_LOSS, EVAL_ACCURACY, "lr", "grad_norm", "epoch", "tokens_per_second")
+# Task preference (training/preference.py): the share of pairs whose preferred reply gets the higher reward, the
+# mean reward margin, the mean summed log-probs of either reply; validation's accuracy and margin.
+REWARD_ACCURACY, REWARD_MARGIN, LOGPS_CHOSEN, LOGPS_REJECTED = ("reward_accuracy", "reward_margin", "logps_chosen",
+                                                                "logps_rejected")
+EVAL_REWARD_ACCURACY, EVAL_REWARD_MARGIN = "eval_reward_accuracy", "eval_reward_margin"
+PREFERENCE_METRICS = (REWARD_ACCURACY, REWARD_MARGIN, LOGPS_CHOSEN, LOGPS_REJECTED, EVAL_REWARD_ACCURACY,
+                      EVAL_REWARD_MARGIN)
+METRICS = (TRAIN_LOSS, TRAIN_ACCURACY, EVAL_LOSS, EVAL_ACCURACY, "lr", "grad_norm", "epoch", "tokens_per_second",
+           *PREFERENCE_METRICS)
 STEP_PREFIX = "step-"
 
 
@@ -104,6 +113,11 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def reference_logps(self) -> Path:
+        """Task preference, precomputed reference: (chosen, rejected) log-probs of every train/validation pair."""
+        return self.path / "reference_logps.safetensors"
 
     @property
     def tensorboard(self) -> Path:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
 # OpenAI's bounds where it states them; ours where the engine needs one (every number a client sends is bounded).
-MAX_EPOCHS, MAX_BATCH_SIZE, MAX_LR_MULTIPLIER = 50, 256, 10.0
+MAX_EPOCHS, MAX_BATCH_SIZE, MAX_LR_MULTIPLIER, MAX_BETA = 50, 256, 10.0, 10.0
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -53,10 +53,19 @@ class SupervisedIn(_Request):
     hyperparameters: HyperparametersIn | None = None
 
 
+class DpoHyperparametersIn(HyperparametersIn):
+    beta: auto_or_number(0, MAX_BETA, whole=False, low_open=True) = Field(
+        None, description="DPO's beta: how far the tuned model may move from the reference (auto: 0.1).")
+
+
+class DpoIn(_Request):
+    hyperparameters: DpoHyperparametersIn | None = None
+
+
 class MethodIn(_Request):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedIn | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoIn | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -126,9 +135,18 @@ class Supervised(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Literal["auto"] | float | None = None
+
+
+class Dpo(BaseModel):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
 
 
 class Job(BaseModel):
@@ -204,8 +222,10 @@ class CheckpointList(BaseModel):
 
 
 def job_object(row: dict) -> Job:
-    hp = Hyperparameters(**row["hyperparameters"])
-    method = Method(type=row["method"].get("type", "supervised"), supervised=Supervised(hyperparameters=hp))
+    hp = Hyperparameters(**{k: v for k, v in row["hyperparameters"].items() if k in Hyperparameters.model_fields})
+    kind = row["method"].get("type", "supervised")
+    method = (Method(type="dpo", dpo=Dpo(hyperparameters=DpoHyperparameters(**row["hyperparameters"])))
+              if kind == "dpo" else Method(type=kind, supervised=Supervised(hyperparameters=hp)))
     return Job(id=row["id"], created_at=row["created_at"], error=JobError(**row["error"]) if row["error"] else None,
                fine_tuned_model=row["fine_tuned_model"], finished_at=row["finished_at"], hyperparameters=hp,
                model=row["model"], organization_id=row["org_id"], result_files=row["result_files"] or [],

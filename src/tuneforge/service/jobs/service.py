@@ -1,5 +1,12 @@
 """Fine-tuning jobs: an OpenAI job request becomes a tuneforge JobSpec (the same one the CLI runs), its
-files are checked by the engine's validator, and the job is queued for a worker. Testable without HTTP."""
+files are checked by the engine's validator, and the job is queued for a worker. Testable without HTTP.
+
+`method.type` supervised trains task chat; dpo trains task preference (files in OpenAI's DPO format), beta
+among its hyperparameters. A job's `model` is one of the server's base models or one of the org's own
+fine-tuned models (`ft:...`, supervised first and then DPO, as OpenAI recommends): an adapter fine-tune is
+merged into its base once, in the job's folder (`base/`, by the training attempt), and the new adapter is
+trained on top, so the adapter switched off is that fine-tune (DPO's reference) and the served model is what
+was trained; a full fine-tune's weights are the base as they are."""
 from __future__ import annotations
 
 import copy
@@ -47,6 +54,9 @@ def new_id(prefix: str) -> str:
 
 
 def ft_model_name(base: str, org_name: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's name for a job's model; a fine-tune of a fine-tune is named after the base model, as OpenAI does."""
+    if base.startswith("ft:"):
+        base = base.split(":")[1]
     return f"ft:{base}:{org_name}:{suffix or ''}:{job_id.split('-', 1)[1][:8]}"
 
 
@@ -86,13 +96,27 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def method_type(req: JobCreate) -> str:
+    return req.method.type if req.method is not None else "supervised"
+
+
 def _hyperparameters(req: JobCreate) -> tuple[dict, str]:
-    """The request's hyperparameters (method.supervised or the legacy top-level field) and their param path."""
+    """The request's hyperparameters (method.supervised, method.dpo or the legacy top-level field) and their param
+    path."""
     method = req.method
-    if method is not None and method.type != "supervised":
-        raise InvalidRequest(f"method.type: {method.type!r} is not available yet on this server (preference tuning "
-                             "is a planned engine feature); use method.type 'supervised'", param="method.type",
-                             code="unsupported_method")
+    if method is not None and method.type == "reinforcement":
+        raise InvalidRequest("method.type: 'reinforcement' is not available on this server; use method.type "
+                             "'supervised' or 'dpo'", param="method.type", code="unsupported_method")
+    other = {"supervised": "dpo", "dpo": "supervised"}.get(method.type) if method is not None else None
+    if other and getattr(method, other) is not None:
+        raise InvalidRequest(f"method.{other}: a {method.type} job reads method.{method.type}; move its "
+                             "hyperparameters there", param=f"method.{other}")
+    if method is not None and method.type == "dpo":
+        if req.hyperparameters is not None:
+            raise InvalidRequest("hyperparameters: a dpo job takes its hyperparameters in method.dpo.hyperparameters",
+                                 param="hyperparameters")
+        nested = method.dpo.hyperparameters if method.dpo else None
+        return (nested.model_dump(exclude_none=True) if nested else {}), "method.dpo.hyperparameters"
     nested = method.supervised.hyperparameters if method and method.supervised else None
     if nested is not None and req.hyperparameters is not None:
         raise InvalidRequest("give hyperparameters in method.supervised.hyperparameters or (deprecated) top-level "
@@ -102,11 +126,60 @@ def _hyperparameters(req: JobCreate) -> tuple[dict, str]:
     return (req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters else {}), "hyperparameters"
 
 
-def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int) -> tuple[Any, dict]:
-    """The tuneforge JobSpec for a request, and the resolved hyperparameters. 400 naming the `param` on a problem."""
+def base_model_of(ctx: ServiceContext, org: Org | None, name: str, job_id: str) -> str:
+    """The JobSpec `model` for job `job_id` on `name`: a base model's reference, or for the org's own fine-tuned
+    model the folder its base weights are (a full fine-tune's model/) or will be (the job's base/, merged by the
+    training attempt: `prepare_base`). 400 for anything else."""
+    if name in ctx.settings.base_models:
+        return ctx.settings.base_models[name]
+    row = ctx.store.get_model(name, org.id) if org is not None else None
+    if row is None:
+        offered = ", ".join(sorted(ctx.settings.base_models))
+        raise InvalidRequest(f"model: {name!r} cannot be fine-tuned on this server; available: {offered}, or one of "
+                             "your fine-tuned models (ft:...)", param="model", code="model_not_available")
+    parent = _parent_run(ctx, row)
+    method = parent.read_spec().method
+    if method == "prompt_tuning":
+        raise InvalidRequest(f"model: {name} is a prompt-tuning adapter, which cannot be merged into its base to "
+                             "train on; fine-tune a base model or a lora/dora/qlora/ia3/full fine-tune", param="model",
+                             code="model_not_available")
+    return str(parent.output("full")) if method == "full" else str(ctx.settings.jobs_dir / job_id / "base")
+
+
+def _parent_run(ctx: ServiceContext, model_row: dict):
+    from tuneforge.training.run_dir import RunDir
+
+    return RunDir(ctx.settings.jobs_dir / model_row["job_id"] / "run")
+
+
+def prepare_base(ctx: ServiceContext, job: dict, spec) -> bool:
+    """Before a job on a fine-tuned adapter model trains: its adapter merged into its base, once, in the job's
+    folder (an earlier attempt's merge is kept). True when it merged now."""
+    from pathlib import Path
+
+    from tuneforge import api
+    from tuneforge.errors import ModelError
+
+    base = Path(spec.model)
+    if job["model"] in ctx.settings.base_models or base != ctx.settings.jobs_dir / job["id"] / "base":
+        return False
+    if (base / "config.json").is_file():
+        return False
+    row = ctx.store.get_model(job["model"], job["org_id"])
+    if row is None:
+        raise ModelError(f"model {job['model']} was deleted before this job started; it cannot be trained on")
+    api.merge(_parent_run(ctx, row).path, base)
+    return True
+
+
+def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int,
+                   org: Org | None = None) -> tuple[Any, dict]:
+    """The tuneforge JobSpec for a request, and the resolved hyperparameters. 400 naming the `param` on a problem.
+    `org`: whose fine-tuned models `req.model` may name (None: base models only)."""
     from tuneforge.spec import build_spec
 
     hp, hp_param = _hyperparameters(req)
+    dpo = method_type(req) == "dpo"
     ext = req.tuneforge or {}
     owned = [k for k in _flat_keys(ext) if k in SERVICE_OWNED]
     if owned:
@@ -125,6 +198,9 @@ def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int) 
                 raise InvalidRequest(f"{hp_param}.{name}: must be a whole number of at least 1 or 'auto'",
                                      param=f"{hp_param}.{name}")
             training[key] = value
+    if dpo and hp.get("beta", "auto") != "auto" and "beta" in (ext.get("preference") or {}):
+        raise InvalidRequest(f"{hp_param}.beta and tuneforge.preference.beta both set; give one",
+                             param=f"{hp_param}.beta")
     multiplier = hp.get("learning_rate_multiplier", "auto")
     if multiplier != "auto":
         if not (isinstance(multiplier, (int, float)) and multiplier > 0 and math.isfinite(multiplier)):
@@ -132,13 +208,15 @@ def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int) 
                                  param=f"{hp_param}.learning_rate_multiplier")
         training["lr"] = BASE_LR * multiplier
     raw = {
-        "model": ctx.settings.base_models[req.model],
-        "task": "chat",
+        "model": base_model_of(ctx, org, req.model, job_id),
+        "task": "preference" if dpo else "chat",
         "data": {"train": str(file_path(ctx, req.training_file))},
         "method": "lora",
         "training": training,
         "output_dir": str(ctx.settings.jobs_dir / job_id / "run"),
     }
+    if dpo and hp.get("beta", "auto") != "auto":
+        raw["preference"] = {"beta": hp["beta"]}
     if req.validation_file:
         raw["data"]["validation"] = str(file_path(ctx, req.validation_file))
     raw = _merge(raw, ext)
@@ -153,10 +231,16 @@ def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int) 
             param = f"tuneforge.{first.field}" if first.field.split(".")[0] in ext else names.get(first.field, first.field)
         problems = "; ".join(f"{p.field}: {p.message}" for p in e.problems) or str(e)
         raise InvalidRequest(f"invalid job: {problems}", param=param, code="invalid_job_spec") from None
+    if (spec.task == "preference") != dpo:
+        want = "dpo" if spec.task == "preference" else "supervised"
+        raise InvalidRequest(f"tuneforge.task: {spec.task!r} is trained by method.type {want!r}, not "
+                             f"{method_type(req)!r}", param="tuneforge.task", code="invalid_job_spec")
     check_job_limits(ctx, spec, req.training_file)
     t = spec.training
     resolved = {"n_epochs": int(t.epochs) if float(t.epochs).is_integer() else t.epochs,
                 "batch_size": t.batch_size, "learning_rate_multiplier": round(t.lr / BASE_LR, 6)}
+    if dpo:
+        resolved["beta"] = spec.preference_settings.beta
     return spec, resolved
 
 
@@ -188,10 +272,12 @@ def check_job_limits(ctx: ServiceContext, spec, training_file: str) -> None:
         examples = count_lines(spec.data.train)
         steps = math.ceil(t.epochs * math.ceil(examples / per_step))
         how = f"{t.epochs:g} epoch(s) of up to {examples} examples"
-    budget = steps * per_step * t.max_seq_len
+    sequences = 2 if spec.task == "preference" else 1  # a preference pair: both replies are trained on
+    budget = steps * per_step * sequences * t.max_seq_len
     if budget > s.max_job_tokens:
         raise InvalidRequest(
-            f"this job could train on up to {budget:,} tokens ({how}, {per_step} sequence(s) of up to {t.max_seq_len} "
+            f"this job could train on up to {budget:,} tokens ({how}, {per_step * sequences} sequence(s) of up to "
+            f"{t.max_seq_len} "
             f"tokens per step); this server allows {s.max_job_tokens:,} per job (its operator's --max-job-tokens): "
             "lower n_epochs, tuneforge.training.max_steps or max_seq_len, or train on a smaller file",
             param="hyperparameters.n_epochs" if t.max_steps is None else "tuneforge.training.max_steps",
@@ -215,10 +301,8 @@ def create(ctx: ServiceContext, org: Org, req: JobCreate, idempotency_key: str |
 
 
 def _create(ctx: ServiceContext, org: Org, req: JobCreate) -> Job:
-    if req.model not in ctx.settings.base_models:
-        offered = ", ".join(sorted(ctx.settings.base_models))
-        raise InvalidRequest(f"model: {req.model!r} cannot be fine-tuned on this server; available: {offered}",
-                             param="model", code="model_not_available")
+    job_id = new_id("ftjob")
+    base_model_of(ctx, org, req.model, job_id)  # a base model or the org's own fine-tuned model, else a 400
     if req.integrations:
         raise InvalidRequest("integrations: not supported by this server (metrics are in the job's events and "
                              "result file)", param="integrations", code="unsupported_integration")
@@ -229,10 +313,10 @@ def _create(ctx: ServiceContext, org: Org, req: JobCreate) -> Job:
         raise TooManyRequests(f"this organization already has {ctx.settings.max_active_jobs_per_org} unfinished "
                               "fine-tuning jobs, the server's limit; wait for one to finish or cancel one",
                               code="too_many_jobs", headers={"Retry-After": "60"})
-    job_id = new_id("ftjob")
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    spec, resolved = build_job_spec(ctx, req, job_id, seed)
-    method = {"type": "supervised", "supervised": {"hyperparameters": resolved}}
+    spec, resolved = build_job_spec(ctx, req, job_id, seed, org)
+    kind = method_type(req)
+    method = {"type": kind, kind: {"hyperparameters": resolved}}
     row = {"id": job_id, "org_id": org.id, "status": "validating_files", "model": req.model, "fine_tuned_model": None,
            "training_file": req.training_file, "validation_file": req.validation_file, "suffix": req.suffix,
            "seed": seed, "metadata": req.metadata, "hyperparameters": resolved, "method": method,

@@ -47,4 +47,7 @@ def delete(ctx: ServiceContext, org: Org, model_id: str) -> ModelDeleted:
         for output in (run.adapter, run.model):
             if output.exists():
                 files.remove_owned(output)  # the guard: only inside the run folder tuneforge made
+        base = ctx.settings.jobs_dir / row["job_id"] / "base"  # a job on a fine-tuned model: its merged base
+        if files.owner_of(base) == "merge":
+            files.remove_owned(base)
     return ModelDeleted(id=model_id, deleted=True)

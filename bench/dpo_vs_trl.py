@@ -1,0 +1,190 @@
+"""Question: how fast, and in how much memory, does `tuneforge train` run DPO with LoRA against TRL's DPOTrainer +
+peft with its defaults?
+
+Same model (SmolLM2-135M-Instruct), same preference pairs (the shipped `tuneforge data generate preference` train
+split), same hyper-parameters (LoRA r=16 all-linear, batch 8, lr 5e-4, beta 0.1, one epoch, max length 512); the
+reference is the base with the adapter switched off in both (TRL's default for a peft model, tuneforge's
+`reference: auto`). TRL keeps its own defaults otherwise (bf16 autocast on CPU, gradient checkpointing, no
+precomputed reference). Each run is a separate process, measured whole; the two tools alternate so machine drift
+hits both. Throughput counts the real (non-padding) tokens of both replies of every pair (the reference pass is
+not counted: both tools make it); peak RSS is the child process's maximum resident set. Goal (issue #27):
+>= 3x TRL's tokens/s at <= 0.7x its peak RSS.
+
+    flock /tmp/tuneforge-bench.lock .venv/bin/python bench/dpo_vs_trl.py --rounds 2 --out bench/results/dpo_vs_trl.json
+    .venv/bin/python bench/dpo_vs_trl.py --model PATH --examples 16 --rounds 1   # a smoke check on a tiny model
+
+Work files go to a scratch folder (--work, default a new temporary folder); the JSON to stdout, or --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+HP = {"batch_size": 8, "lr": 5e-4, "epochs": 1, "max_seq_len": 512, "beta": 0.1}
+
+
+def make_data(work: Path, n: int | None) -> Path:
+    """The shipped preference train split (OpenAI's DPO format), its first `n` pairs."""
+    from tuneforge.data.synthetic import write_dataset
+
+    train = write_dataset("preference", work / "data", overwrite=True)["train"]
+    if n:
+        lines = train.read_text().splitlines()[:n]
+        train.write_text("".join(line + "\n" for line in lines))
+    return train
+
+
+def child_tuneforge(model: str, data: Path, out: Path) -> dict:
+    from tuneforge import api
+
+    spec = {"model": model, "task": "preference", "data": {"train": str(data)}, "method": "lora",
+            "adapter": {**LORA, "target_modules": "all-linear"},
+            "preference": {"loss": "dpo", "beta": HP["beta"], "reference": "auto"},
+            "training": {"batch_size": HP["batch_size"], "lr": HP["lr"], "epochs": HP["epochs"],
+                         "max_seq_len": HP["max_seq_len"], "save_every": 10_000, "eval_every": 10_000,
+                         "warmup_ratio": 0.0},
+            "output_dir": str(out)}
+    t0 = time.perf_counter()
+    s = api.train(spec, overwrite=True, progress=False)
+    return {"train_seconds": time.perf_counter() - t0, "final_loss": s.final_train_loss, "steps": s.steps,
+            "kernels": s.kernels, "precision": s.precision}
+
+
+def trl_rows(data: Path) -> list[dict]:
+    """The pairs in TRL's conversational format (prompt / chosen / rejected message lists)."""
+    from tuneforge.data.preference import normalise
+
+    rows = []
+    for line in data.read_text().splitlines():
+        pref = normalise(json.loads(line))
+        rows.append({"prompt": pref.prompt, "chosen": pref.chosen, "rejected": pref.rejected})
+    return rows
+
+
+def child_trl(model: str, data: Path, out: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from tuneforge.models import resolve_model
+
+    path = resolve_model(model)
+    config = DPOConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=HP["batch_size"],
+                       learning_rate=HP["lr"], num_train_epochs=HP["epochs"], max_length=HP["max_seq_len"],
+                       beta=HP["beta"], report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path), args=config, train_dataset=Dataset.from_list(trl_rows(data)),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                               target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    t0 = time.perf_counter()
+    result = trainer.train()
+    return {"train_seconds": time.perf_counter() - t0, "final_loss": result.training_loss, "steps": result.global_step,
+            "bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing}
+
+
+def real_tokens(model: str, data: Path) -> int:
+    """Non-padding tokens of both sequences of every pair in one epoch (tuneforge's encoding; TRL's tokenizes the
+    same template, prompt + reply)."""
+    from tuneforge.data.encode import encode_records
+    from tuneforge.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(model))
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    encoded = encode_records(tok, "preference", records, list(range(1, len(records) + 1)), HP["max_seq_len"])
+    return encoded.total_tokens
+
+
+def run_child(tool: str, model: str, data: Path, out: Path) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", tool, "--model", model, "--data", str(data),
+                           "--work", str(out)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{tool} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = wall
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--examples", type=int, default=None, help="the first N pairs (default: all 240)")
+    ap.add_argument("--model", default=MODEL, help="model reference (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--work", help="scratch folder for data and runs (default: a new temporary folder)")
+    ap.add_argument("--out", help="also write the JSON here (default: stdout only)")
+    ap.add_argument("--child", choices=["tuneforge", "trl"])
+    ap.add_argument("--data")
+    args = ap.parse_args()
+    if args.child:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        make = child_tuneforge if args.child == "tuneforge" else child_trl
+        print(json.dumps(make(args.model, Path(args.data), Path(args.work))))
+        return
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tf-dpo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = make_data(work, args.examples)
+    tokens = real_tokens(args.model, data)
+    runs: dict[str, list[dict]] = {"tuneforge": [], "trl": []}
+    # RUSAGE_CHILDREN is a running maximum, so each child's peak is measured in a fresh grandparent.
+    for r in range(args.rounds):
+        for tool in ("tuneforge", "trl") if r % 2 == 0 else ("trl", "tuneforge"):
+            proc = subprocess.run([sys.executable, "-c", (
+                "import json,sys; sys.argv=['x']; sys.path.insert(0, %r); import dpo_vs_trl as b; "
+                "from pathlib import Path; print(json.dumps(b.run_child(%r, %r, Path(%r), Path(%r))))"
+            ) % (str(Path(__file__).parent), tool, args.model, str(data), str(work / tool))], capture_output=True,
+                text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-3000:])
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res["tokens_per_second"] = tokens / res["train_seconds"]
+            res["tokens_per_second_whole_process"] = tokens / res["wall_seconds"]
+            runs[tool].append(res)
+            print(f"round {r + 1} {tool:9s}: {res['tokens_per_second']:.0f} tok/s in train(), "
+                  f"{res['tokens_per_second_whole_process']:.0f} tok/s whole process, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB, loss {res['final_loss']:.3f}", file=sys.stderr)
+
+    def med(tool, key):
+        return statistics.median(r[key] for r in runs[tool])
+
+    speed = [a["tokens_per_second_whole_process"] / b["tokens_per_second_whole_process"]
+             for a, b in zip(runs["tuneforge"], runs["trl"])]
+    report = {
+        "question": "tuneforge DPO (LoRA, reference = adapter off) vs TRL DPOTrainer + peft (its defaults), "
+                    f"{args.model}, one epoch",
+        "pairs": sum(1 for _ in data.open()), "real_tokens": tokens, "hyper_parameters": {**HP, **LORA},
+        "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
+        "runs": runs,
+        "median_tokens_per_second": {t: med(t, "tokens_per_second") for t in runs},
+        "median_tokens_per_second_whole_process": {t: med(t, "tokens_per_second_whole_process") for t in runs},
+        "median_peak_rss_mb": {t: med(t, "peak_rss_mb") for t in runs},
+        "speed_ratio_per_round": speed,
+        "speed_ratio_median": statistics.median(speed),  # whole process, the issue's measure
+        "train_only_ratio_median": statistics.median(
+            a["tokens_per_second"] / b["tokens_per_second"] for a, b in zip(runs["tuneforge"], runs["trl"])),
+        "rss_ratio_median": med("tuneforge", "peak_rss_mb") / med("trl", "peak_rss_mb"),
+    }
+    report["goal_met"] = report["speed_ratio_median"] >= 3 and report["rss_ratio_median"] <= 0.7
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
