@@ -372,8 +372,30 @@ def _frozen_training(server, train_jsonl):
     store = server.store()
     wait_until(lambda: store.get_job(job_id)["step"] >= 20, 120, "the checkpoint at step 20")
     (runner,) = job_processes(server.proc.pid, RUNNER, job_id)
-    os.kill(runner, signal.SIGSTOP)
+    _stop_outside_a_write(runner, server.data_dir / "tuneforge.db")
     return job_id, store, store.get_job(job_id)["step"]  # what the job records (the disk may be a step ahead)
+
+
+def _stop_outside_a_write(pid: int, database: Path) -> None:
+    """SIGSTOP `pid` at a moment it holds no write lock on the SQLite database. A training that cannot reach its
+    step boundary is what these tests are about; a process frozen inside a write transaction would also block the
+    worker's own writes for SQLite's busy timeout (30 s), which is another fault (kill -9 covers it)."""
+    import sqlite3
+
+    deadline = time.monotonic() + 30
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        db = sqlite3.connect(database, timeout=0)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.rollback()
+            return
+        except sqlite3.OperationalError as e:
+            assert "locked" in str(e) and time.monotonic() < deadline, e
+        finally:
+            db.close()
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.05)
 
 
 def test_second_sigterm_stops_at_once_and_requeues_at_the_newest_checkpoint(fault_server, train_jsonl):
