@@ -24,12 +24,12 @@ demo: setup
 	$(VENV)/bin/tuneforge demo --output-dir runs/demo
 
 test: setup
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 # Everything, the opt-in marks too (long: minutes of SmolLM2 training and planner-accuracy runs; lmeval: a real
 # lm-evaluation-harness client, in its own venv).
 test-all: setup lmeval-venv
-	$(PY) -m pytest -q -n 2 --durations=15 -m "long or lmeval or not (long or lmeval)" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 -m "long or lmeval or not (long or lmeval)" tests
 
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests

@@ -163,27 +163,42 @@ def one_process_runs(tiny_models, tmp_path_factory) -> Path:
     return root
 
 
-def torch_matrix_combos():
+def full_matrix(config) -> bool:
+    """The whole method x strategy matrix runs with `-m long` (`make test-all`; it also rewrites the tables in
+    docs/distributed.md). The default suite runs a covering subset: every strategy with LoRA and full
+    fine-tuning (the cells the validation tests read) and every other method at least once, 21 of 35 runs."""
+    return "long" in (config.option.markexpr or "")
+
+
+# (method, strategy) cells of the default suite beyond LoRA and full at every strategy
+TORCH_SUBSET = {("dora", "zero3"), ("qlora", "zero1")}
+DEEPSPEED_SUBSET = {("full", "zero1"), ("full", "zero3"), ("dora", "zero2+offload")}
+
+
+def torch_matrix_combos(full: bool = True):
     for method in ONE_PROCESS_METHODS:
         for strategy in ("ddp", "zero1", "zero2", "zero3", "zero3+offload"):
             if method == "qlora" and strategy not in ("ddp", "zero1"):
                 continue  # refused up front (test_spec_and_sharding.py)
-            yield method, strategy
+            if full or method in ("lora", "full") or (method, strategy) in TORCH_SUBSET:
+                yield method, strategy
 
 
-def deepspeed_combos():
+def deepspeed_combos(full: bool = True):
     for method in ("lora", "dora", "full"):
         for strategy in ("ddp", "zero1", "zero2", "zero3", "zero2+offload", "zero3+offload"):
-            yield method, strategy
+            if full or method == "lora" or (method, strategy) in DEEPSPEED_SUBSET:
+                yield method, strategy
 
 
 @pytest.fixture(scope="session")
-def rank_runs(one_process_runs, tmp_path_factory) -> tuple[Path, dict]:
+def rank_runs(one_process_runs, tmp_path_factory, pytestconfig) -> tuple[Path, dict]:
     """Every 2-rank run that test_equality, test_checkpoints, test_deepspeed and test_memory check, in one
     pair of spawned ranks (imports paid once): (folder, {job name: result as rank 0 saw it}). A run's
     folder is `<folder>/<job name with / as ->`; the 1-process references are in `one_process_runs`."""
     from tests.distributed.ranks import run_in_ranks
 
+    full = full_matrix(pytestconfig)
     with _once_per_session(tmp_path_factory, "rank-runs") as (root, done):
         if done:
             return root, json.loads((root / "done.json").read_text())
@@ -194,7 +209,7 @@ def rank_runs(one_process_runs, tmp_path_factory) -> tuple[Path, dict]:
                  "model_dir": str(model), "out": str(root / "memory")} for s in ("ddp", "zero1", "zero3")]
         # 2 ranks vs 1 process: every method x strategy (test_equality.py)
         jobs += [{**dist_spec(model, data, root / f"{m}-{s}", m, world=2, distributed=torch_distributed(s),
-                              validation=valid), "_name": f"{m}/{s}"} for m, s in torch_matrix_combos()]
+                              validation=valid), "_name": f"{m}/{s}"} for m, s in torch_matrix_combos(full)]
         # stop + resume across an epoch boundary: 13 examples, global batch 4 = 4 steps per epoch (test_checkpoints.py)
         for s in RESUME_STRATEGIES:
             for part, train in (("whole", {}), ("stop", {"stop_after": 3}), ("resume", {"resume": True})):
@@ -203,7 +218,7 @@ def rank_runs(one_process_runs, tmp_path_factory) -> tuple[Path, dict]:
                 jobs.append({**spec, "_name": f"resume-{s}/{part}", "_train": train or {"overwrite": True}})
         if deepspeed_installed():  # test_deepspeed.py
             jobs += [{**dist_spec(model, data, root / f"ds-{m}-{s}", m, world=2, distributed=deepspeed_distributed(s),
-                                  validation=valid), "_name": f"ds-{m}/{s}"} for m, s in deepspeed_combos()]
+                                  validation=valid), "_name": f"ds-{m}/{s}"} for m, s in deepspeed_combos(full)]
             cut = dist_spec(model, data, root / "ds-resume-zero3", "lora", world=2,
                             distributed=deepspeed_distributed("zero3"), save_every=1)
             jobs += [{**cut, "_name": "ds-resume/stop", "_train": {"stop_after": 2}},

@@ -8,7 +8,7 @@ import pytest
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from tests.distributed.conftest import deepspeed_combos, metrics, write_matrix  # noqa: E402
+from tests.distributed.conftest import deepspeed_combos, full_matrix, metrics, write_matrix  # noqa: E402
 from tests.distributed.test_equality import matrix_check  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -16,12 +16,15 @@ pytestmark = pytest.mark.distributed
 DS_STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero2+offload", "zero3+offload")
 
 
-def test_deepspeed_matches_one_process_and_resumes(rank_runs, one_process_runs):
-    """Every method at every stage; docs/distributed.md's DeepSpeed table is rewritten from these runs."""
+def test_deepspeed_matches_one_process_and_resumes(rank_runs, one_process_runs, pytestconfig):
+    """Every method at every stage with `-m long` (docs/distributed.md's DeepSpeed table is then rewritten from
+    these runs); LoRA at every stage and full and DoRA at some in the default suite."""
     root, results = rank_runs
-    problems, cells = matrix_check(rank_runs, one_process_runs, deepspeed_combos(), prefix="ds-")
-    write_matrix("deepspeed", DS_STRATEGIES, ("lora", "dora", "full", "qlora"), cells,
-                 {("qlora", s): "4-bit weights" for s in DS_STRATEGIES})
+    full = full_matrix(pytestconfig)
+    problems, cells = matrix_check(rank_runs, one_process_runs, deepspeed_combos(full), prefix="ds-")
+    if full:
+        write_matrix("deepspeed", DS_STRATEGIES, ("lora", "dora", "full", "qlora"), cells,
+                     {("qlora", s): "4-bit weights" for s in DS_STRATEGIES})
     assert not problems, problems
     for m, s in (("lora", "zero3"), ("full", "zero1")):  # validation ran mid-run and at the end
         assert [x["step"] for x in metrics(root / f"ds-{m}-{s}") if "eval_loss" in x] == [2, 4]
