@@ -15,8 +15,9 @@ more are trimmed. Sampling is per row (serving/sampling.py: constraints, tempera
 seeded generator, log-probabilities).
 
 Prefix caching (serving/prefix_cache.py): a prompt whose first blocks were computed before (for the same
-adapter) is prefilled alone from that cached KV, computing only the rest; every prefill stores its prompt's
-whole blocks. Prompts whose log-probabilities are asked for (echo) are computed whole, alone, with the
+adapter) computes only the rest, in the same batched prefill as the other new prompts (each row: padding,
+its cached prefix's KV, padding, the rest of its prompt; the mask says which columns are real); every
+prefill stores its prompt's whole blocks. Prompts whose log-probabilities are asked for (echo) are computed whole, alone, with the
 logits of every position.
 """
 from __future__ import annotations
@@ -168,42 +169,58 @@ class BatchEngine(Engine):
         return head(hidden), out.past_key_values
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Prompts with a cached prefix, and prompts to score, alone; the others together in one forward."""
+        """Prompts to score alone (every position's logits); the others in one forward, each after the KV of
+        its cached prefix."""
         together = []
         for seq in seqs:
             if seq.params.prompt_logprobs is not None:
                 self._prefill_rows([seq], scored=True)
-                continue
-            cached = (0, None)
-            if self.prefix_cache is not None and len(seq.prompt_ids) < self.window:
-                cached = self.prefix_cache.lookup(seq.adapter, seq.prompt_ids)
-            if cached[0]:
-                self._prefill_rows([seq], cached)
             else:
                 together.append(seq)
         if together:
             self._prefill_rows(together)
 
-    def _prefill_rows(self, seqs: list[Sequence], cached: tuple[int, list | None] = (0, None),
-                      scored: bool = False) -> None:
-        """One forward over the sequences' prompts, left-padded (a lone prompt: no padding at all, so it computes
-        exactly what a single request computes), less the first `cached[0]` tokens of a lone prompt whose KV
-        `cached[1]` holds; each samples its first token. `scored`: keep every position's logits for the
-        prompt's log-probabilities."""
-        start, past = cached
-        L = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.tensor([[0] * (L - len(s.prompt_ids)) + s.prompt_ids[start:] for s in seqs], device=self.device)
-        mask = torch.tensor([[0] * (L - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs], device=self.device)
+    def _cached(self, seq: Sequence) -> tuple[int, list | None]:
+        if self.prefix_cache is None or len(seq.prompt_ids) >= self.window:
+            return 0, None
+        return self.prefix_cache.lookup(seq.adapter, seq.prompt_ids)
+
+    def _prefill_rows(self, seqs: list[Sequence], scored: bool = False) -> None:
+        """One forward over the sequences' prompts, less the prefix of each whose KV the prefix cache holds (a
+        prompt to score computes every position); each samples its first token. A row is laid out as
+        [padding, cached prefix, padding, rest of its prompt] (the mask says which columns are real), so every
+        row's last prompt token is the last column; a lone prompt has no padding at all, so it computes exactly
+        what a single request computes."""
+        hits = [(0, None) if scored else self._cached(s) for s in seqs]
+        fresh = [len(s.prompt_ids) - c for s, (c, _) in zip(seqs, hits)]
+        C, S = max(c for c, _ in hits), max(fresh)
+        ids = torch.tensor([[0] * (S - n) + s.prompt_ids[c:] for s, (c, _), n in zip(seqs, hits, fresh)],
+                           device=self.device)
+        mask = torch.tensor([[0] * (C - c) + [1] * c + [0] * (S - n) + [1] * n for (c, _), n in zip(hits, fresh)],
+                            device=self.device)
+        past = []
+        if C:
+            like = next(p for _, p in hits if p)
+
+            def padded(p, layer: int, kv: int) -> torch.Tensor:  # (1, H, C, D), left-padded
+                if p is None:
+                    t = like[layer][kv]
+                    return t.new_zeros(t.shape[0], t.shape[1], C, t.shape[3])
+                return F.pad(p[layer][kv], (0, 0, C - p[layer][kv].shape[2], 0))
+
+            past = [tuple(torch.cat([padded(p, layer, kv) for _, p in hits]) for kv in (0, 1))
+                    for layer in range(len(like))]
         kw = {}
         if len(seqs) > 1:
-            kw = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+            kw = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, C:]}
         logits, cache = self._forward(ids, [s.adapter for s in seqs], all_positions=scored,
-                                      past_key_values=_cache(self.net, past or []), **kw)
+                                      past_key_values=_cache(self.net, past), **kw)
         layers = _layers(cache)
         for i, seq in enumerate(seqs):
-            pad = L - len(seq.prompt_ids)
             if self.prefix_cache is not None and len(seq.prompt_ids) < self.window:
-                self.prefix_cache.store(seq.adapter, seq.prompt_ids, [(k[i:i + 1, :, pad:], v[i:i + 1, :, pad:])
+                real = mask[i].nonzero().squeeze(1)  # the prompt's own columns
+                self.prefix_cache.store(seq.adapter, seq.prompt_ids, [(k[i:i + 1].index_select(2, real),
+                                                                       v[i:i + 1].index_select(2, real))
                                                                       for k, v in layers])
             if seq.params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed % 2**64)

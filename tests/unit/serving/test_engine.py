@@ -350,3 +350,34 @@ def test_prefix_cache_keeps_greedy_output_and_its_memory_bound(llama):
     cached, got = cache.lookup(None, list(range(64)) + [1])
     assert cached == 48 and torch.equal(got[0][0], layers[0][0][:, :, :48])
     assert cache.lookup("other-adapter", list(range(64)))[0] == 0  # another adapter: other keys
+
+
+def test_prompts_with_and_without_a_cached_prefix_prefill_in_one_batch(llama):
+    """Prompts that arrive together go through one prefill, each after its own cached prefix (of any length, or
+    none), and decode what each decodes alone (or diverge at a near-tie)."""
+    model = load(llama)
+    shared = list(range(40, 90))
+    engine = BatchEngine(model, name="t", prefix_cache_bytes=2**20)
+    forward, prefills = engine._forward, []
+
+    def spy(ids, adapters, **kw):
+        prefills.append((ids.shape[0], kw["past_key_values"].get_seq_length()))
+        return forward(ids, adapters, **kw)
+
+    engine._forward = spy
+    try:
+        s, c = seq(shared + [1], max_tokens=2)
+        engine.submit(s)
+        assert c.done.wait(30)  # its 3 whole blocks (48 tokens) are cached
+        prompts = [shared + [5, 6, 7], shared[:20] + [9, 10], list(range(200, 230)), shared + list(range(100, 140))]
+        pairs = [seq(p, max_tokens=10) for p in prompts]
+        prefills.clear()
+        engine.submit(*[s for s, _ in pairs])  # one request's sequences: admitted together
+        assert all(c.done.wait(30) for _, c in pairs)
+        assert prefills[0] == (4, 48), prefills[:3]  # one forward: 4 rows after the longest cached prefix
+        assert engine.prefix_cache.stats()["hits"] == 3  # 48, 16 and 48 tokens reused; the third prompt is new
+        for prompt, (_, c) in zip(prompts, pairs):
+            want, logits = solo(model, prompt, 10)
+            same_or_tied(c.ids, want, logits)
+    finally:
+        engine.stop()
