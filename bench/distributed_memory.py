@@ -9,7 +9,7 @@ weights; ZeRO's saving is in what stays resident through the steps (the optimize
 gradients, 3x the weights for full fine-tuning with AdamW). On 2 cores these runs prove memory, not
 speed. Run alone:
 
-    flock /tmp/tuneforge-bench.lock .venv/bin/python bench/distributed_memory.py > bench/results/distributed_memory.json
+    flock .cache/bench.lock .venv/bin/python bench/distributed_memory.py > bench/results/distributed_memory.json
 
 `--model FOLDER` runs the same configurations on another model (e.g. a tiny one, to check the script itself
 in seconds: `--model runs/tiny-llama --only zero1:torch`).

@@ -10,7 +10,7 @@ hits both. Throughput counts the real (non-padding) tokens of both replies of ev
 not counted: both tools make it); peak RSS is the child process's maximum resident set. Goal (issue #27):
 >= 3x TRL's tokens/s at <= 0.7x its peak RSS.
 
-    flock /tmp/tuneforge-bench.lock .venv/bin/python bench/dpo_vs_trl.py --rounds 2 --out bench/results/dpo_vs_trl.json
+    flock .cache/bench.lock .venv/bin/python bench/dpo_vs_trl.py --rounds 2 --out bench/results/dpo_vs_trl.json
     .venv/bin/python bench/dpo_vs_trl.py --model PATH --examples 16 --rounds 1   # a smoke check on a tiny model
 
 Work files go to a scratch folder (--work, default a new temporary folder); the JSON to stdout, or --out.

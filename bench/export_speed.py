@@ -8,12 +8,12 @@ on the same held-out prompts: prefill ms (the prompt in one forward, to the firs
 ms/token (`--new-tokens` greedy steps, one token each, with the KV cache). The peer is PyTorch eager fp32
 (the merged model; the unmerged peft model is shown too), measured in the same process and run.
 
-    flock /tmp/tuneforge-bench.lock .venv/bin/python bench/export_speed.py --out bench/results/export_speed.json
+    flock .cache/bench.lock .venv/bin/python bench/export_speed.py --out bench/results/export_speed.json
 
 or, exporting (slow gates, not timed) outside the lock and timing inside it:
 
     .venv/bin/python bench/export_speed.py --work runs/export-bench --export-only
-    flock /tmp/tuneforge-bench.lock .venv/bin/python bench/export_speed.py --work runs/export-bench --run runs/export-bench/run \
+    flock .cache/bench.lock .venv/bin/python bench/export_speed.py --work runs/export-bench --run runs/export-bench/run \
         --reuse-exports --out bench/results/export_speed.json
 
 Threads: `--threads` (default 2) for every engine; OMP_WAIT_POLICY=PASSIVE so PyTorch's OpenMP workers do not
@@ -252,7 +252,7 @@ def main() -> int:
     int4 = next(r for r in rows if r["engine"] == "onnxruntime-genai int4")
     result = {
         "question": "prefill and decode speed of exported SmolLM2+LoRA vs PyTorch eager, each export with its gates",
-        "command": "flock /tmp/tuneforge-bench.lock .venv/bin/python bench/export_speed.py " + " ".join(sys.argv[1:]),
+        "command": "flock .cache/bench.lock .venv/bin/python bench/export_speed.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
                     "load_average_at_end": os.getloadavg()},
         "model": "smollm2-135m-instruct + LoRA r=16 all-linear", "run": str(run),

@@ -5,8 +5,8 @@ probe is cached), then `tuneforge train` runs it in a fresh process on fixed-len
 exactly batch x max_seq_len tokens), and the prediction is compared with the measured peak RSS and the
 median step time after the first step. Run it alone:
 
-    flock /tmp/tuneforge-bench.lock .venv/bin/python bench/plan_accuracy.py --out bench/results/plan_accuracy.json
-    flock /tmp/tuneforge-bench.lock .venv/bin/python bench/plan_accuracy.py --showcase --out bench/results/plan_showcase.json
+    flock .cache/bench.lock .venv/bin/python bench/plan_accuracy.py --out bench/results/plan_accuracy.json
+    flock .cache/bench.lock .venv/bin/python bench/plan_accuracy.py --showcase --out bench/results/plan_showcase.json
 
 `--showcase`: `plan` for a Phi-3-mini-shaped model (tests/data/phi3-mini/config.json) in 24 GiB, then one real
 QLoRA training step on a random-weight model of that shape (written once under runs/, ~7.6 GB bf16 on disk).

@@ -7,7 +7,7 @@ tuneforge's per-rank optimizer shards vs torch's consolidate_state_dict (what tu
 (b) the peer, `consolidate_state_dict(to=0)` + rank 0 saving the gathered state. Peak RSS = VmHWM, reset
 (/proc/self/clear_refs) before each; reported as the rise over the RSS before the save. Run alone:
 
-    flock /tmp/tuneforge-bench.lock .venv/bin/python bench/zero1_checkpoint_memory.py > bench/results/zero1_checkpoint_memory.json
+    flock .cache/bench.lock .venv/bin/python bench/zero1_checkpoint_memory.py > bench/results/zero1_checkpoint_memory.json
 """
 from __future__ import annotations
 
