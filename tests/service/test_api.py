@@ -275,3 +275,54 @@ def test_per_org_job_limit(server, train_jsonl):
         client.fine_tuning.jobs.cancel(job.id)
     for job in jobs:
         wait_for(client, job.id, ("cancelled",), timeout=60)
+
+
+def test_before_after_report(server, train_jsonl, tmp_path):
+    """A job with a validation_file and tuneforge.eval.before_after gets report.json and report.md among its result
+    files: the base and the fine-tuned model on the held-out file, with no path of the server in them."""
+    client = server.client("report")
+    file_id = upload(client, train_jsonl)
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in CHAT_RECORDS[:3]))
+    valid_id = upload(client, held_out)
+    ext = tiny_job(max_steps=2)
+    ext["tuneforge"]["eval"] = {"before_after": True, "max_new_tokens": 8, "examples": 2}
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=file_id, validation_file=valid_id,
+                                         extra_body=ext)
+    done = wait_for(client, job.id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    names = {client.files.retrieve(f).filename: f for f in done.result_files}
+    assert set(names) == {"step_metrics.csv", "report.json", "report.md"}
+    text = client.files.content(names["report.json"]).text
+    report = json.loads(text)
+    assert report["data"] == valid_id
+    for side in ("base", "fine_tuned"):
+        assert report[side]["examples"] == 3
+        assert report[side]["loss"] > 0 and 0 <= report[side]["token_accuracy"] <= 1
+        assert len(report[side]["outputs"]) == 3
+    markdown = client.files.content(names["report.md"]).text
+    assert "| metric | base | fine-tuned | better |" in markdown and valid_id in markdown
+    for content in (text, markdown):
+        assert str(server.data_dir) not in content and "/tmp" not in content and "jobs/" not in content
+    summary = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+               if e.message.startswith("Before/after report on 3 held-out examples")]
+    assert len(summary) == 1 and " -> " in summary[0], summary
+
+
+def test_before_after_report_needs_the_validation_file(server, train_jsonl):
+    client = server.client("report-errors")
+    file_id = upload(client, train_jsonl)
+    create = client.fine_tuning.jobs.create
+    cases = [  # (tuneforge.eval, validation_file, param, phrase)
+        ({"before_after": True, "data": "/etc/passwd"}, file_id, "tuneforge.eval.data", "validation_file"),
+        ({"before_after": True}, None, "validation_file", "validation_file"),
+        ({"max_new_tokens": 257}, file_id, "tuneforge.eval.max_new_tokens", "1 to 256"),
+        ({"examples": 21}, file_id, "tuneforge.eval.examples", "0 to 20"),
+        ({"before_after": True, "loss": 1}, file_id, "tuneforge.eval.loss", "before_after"),
+    ]
+    for section, valid, param, phrase in cases:
+        extra = {"validation_file": valid} if valid else {}
+        status, body = _error(lambda: create(model="tiny", training_file=file_id, **extra,
+                                             extra_body={"tuneforge": {"eval": section}}))
+        assert (status, body["param"]) == (400, param), body
+        assert phrase in body["message"], body

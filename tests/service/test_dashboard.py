@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CHAT_RECORDS
-from tests.service.conftest import Server
+from tests.service.conftest import Server, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -358,6 +358,7 @@ def test_dashboard_end_to_end(chromium, web_server, tmp_path, train_jsonl):
     _sign_in(page, base, acme)
     assert page.evaluate("() => [sessionStorage.length, localStorage.length]") == [1, 0]
 
+    expect(page.locator("#before-after")).to_be_disabled()  # a before/after report needs a validation file
     # The job's settings first (a short run of the tiny model), so that the upload asks for one plan only.
     page.click("#job-form details summary")
     page.fill("#spec-extra", json.dumps(TINY_JOB_SPEC))
@@ -399,8 +400,9 @@ def test_dashboard_end_to_end(chromium, web_server, tmp_path, train_jsonl):
     expect(page.locator("#checkpoints-table tbody tr")).to_have_count(2)  # the run keeps its newest two
     expect(page.locator("#job-spec")).to_contain_text('"max_steps": 120')
     with page.expect_download() as download:
-        page.click("#result-files button")
+        page.click("#result-files button >> nth=0")
     assert Path(download.value.path()).read_text().startswith("step")
+    expect(page.locator("#report-hint")).to_contain_text("tuneforge.eval.before_after")  # this job has no report
     _shot(page, shots, "job")
 
     # The job page's first load, everything it fetches included, nothing from the cache.
@@ -462,6 +464,23 @@ def test_dashboard_end_to_end(chromium, web_server, tmp_path, train_jsonl):
     page2.goto(base + "/playground")
     expect(page2.locator("#pg-model")).to_have_value("tiny")
     assert fine_tuned not in page2.locator("#pg-model").inner_text()
+
+    # A job with a validation file and tuneforge.eval.before_after: its page shows the before/after report.
+    client = web_server.client("acme")
+    with open(train_jsonl, "rb") as f:
+        file_id = client.files.create(file=f, purpose="fine-tune").id
+    report_job = client.fine_tuning.jobs.create(model="tiny", training_file=file_id, validation_file=file_id,
+                                                extra_body={"tuneforge": {
+                                                    "training": {**TINY_JOB_SPEC["training"], "max_steps": 2},
+                                                    "eval": {"max_new_tokens": 4, "examples": 2}}})
+    assert wait_for(client, report_job.id, ("succeeded", "failed")).status == "succeeded"
+    page.goto(f"{base}/jobs/{report_job.id}")
+    expect(page.locator("#report")).to_be_visible()
+    expect(page.locator("#report-table tbody")).to_contain_text("token_accuracy")
+    expect(page.locator("#report-examples-table tbody tr")).to_have_count(2)
+    expect(page.locator("#report-hint")).to_be_hidden()
+    assert str(web_server.data_dir) not in page.locator("#report").inner_text()
+    _shot(page, shots, "job-report")
 
     # The keys travelled in the Authorization header only, and nothing broke the CSP.
     for url, _ in watch.requests + watch2.requests:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import secrets
@@ -49,6 +50,37 @@ def results_csv(run: RunDir) -> bytes:
         writer.writerow(["" if m.get(k) is None else m[k] for k in ("step", "train_loss", "train_mean_token_accuracy",
                                                                     "valid_loss", "valid_mean_token_accuracy", *extra)])
     return out.getvalue().encode()
+
+
+# The before/after event's figure: the first of these both models have (the task's own measure before the loss).
+SUMMARY_METRICS = ("accuracy", "reward_accuracy", "entity_f1", "chrf", "token_f1", "token_accuracy", "loss")
+
+
+def client_report(job: dict, run: RunDir) -> tuple[bytes, bytes, str] | None:
+    """A finished run's before/after report as its owner gets it: report.json and report.md with the server's paths
+    replaced by the names the client knows (the validation file's id, the model's name), and a one-line summary
+    for the job's events. None when the run wrote no report."""
+    from tuneforge.service.extensions.job_specs import without_paths_in
+
+    if not run.report_json.is_file():
+        return None
+    spec = run.read_spec()
+    known = {str(run.path): "<run folder>", spec.model: job["model"]}
+    if spec.eval is not None:
+        known[spec.eval.data] = job["validation_file"] or "<validation file>"
+    report = without_paths_in(json.loads(run.report_json.read_text()), known)
+    markdown = run.report.read_text() if run.report.is_file() else ""
+    # the report's pictures stay in the run folder: their links would point nowhere
+    markdown = "\n".join(line for line in markdown.splitlines() if not line.startswith("!["))
+    base, tuned = report.get("base") or {}, report.get("fine_tuned") or {}
+    key = next((k for k in SUMMARY_METRICS if isinstance(base.get(k), (int, float))
+                and isinstance(tuned.get(k), (int, float))), None)
+    line = f"Before/after report on {base.get('examples', '?')} held-out examples"
+    line += f": {key} {base[key]:.4g} -> {tuned[key]:.4g}" if key else ""
+    if key not in (None, "loss") and "loss" in base and "loss" in tuned:
+        line += f", loss {base['loss']:.4g} -> {tuned['loss']:.4g}"
+    return (json.dumps(report, indent=2, ensure_ascii=False).encode(),
+            (without_paths_in(markdown, known) + "\n").encode(), line + " (report.json, report.md in result_files)")
 
 
 class Worker:
@@ -188,13 +220,19 @@ class Worker:
         summary = read_result(folder)["summary"]
         org = store.get_org(job["org_id"])
         name = ft_model_name(job["model"], org["name"], job["suffix"], job_id)
-        results = add_result_file(self.ctx, job["org_id"], job_id, "step_metrics.csv",
-                                  results_csv(RunDir(summary["output_dir"])))
+        run = RunDir(summary["output_dir"])
+        results = [add_result_file(self.ctx, job["org_id"], job_id, "step_metrics.csv", results_csv(run))]
+        report = client_report(job, run)
+        if report is not None:
+            as_json, as_markdown, line = report
+            results += [add_result_file(self.ctx, job["org_id"], job_id, "report.json", as_json),
+                        add_result_file(self.ctx, job["org_id"], job_id, "report.md", as_markdown)]
+            add_event(self.ctx, job_id, line, dedup="report")
         store.insert_model({"id": name, "org_id": job["org_id"], "job_id": job_id, "base": job["model"],
                             "created_at": now()})
         add_event(self.ctx, job_id, f"New fine-tuned model created: {name}", dedup="model-created")
         store.finish_attempt(job_id, self.id, "succeeded", fine_tuned_model=name, finished_at=now(),
-                             trained_tokens=summary["tokens_seen"], result_files=[results], estimated_finish=None,
+                             trained_tokens=summary["tokens_seen"], result_files=results, estimated_finish=None,
                              requested=None, step=summary["steps"],
                              event=event(job_id, "The job has successfully completed", dedup="succeeded"))
 

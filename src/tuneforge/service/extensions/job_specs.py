@@ -23,14 +23,14 @@ def public_spec(ctx: ServiceContext, org: Org, job_id: str) -> JobSpecAnswer:
         if data.get(key):
             known[data[key]] = row[param]
             data[key] = row[param]
-    return JobSpecAnswer(fine_tuning_job_id=job_id, spec=_without_paths(spec, known))
+    return JobSpecAnswer(fine_tuning_job_id=job_id, spec=without_paths_in(spec, known))
 
 
-def _without_paths(value, known: dict[str, str]):
+def without_paths_in(value, known: dict[str, str]):
     if isinstance(value, str):
         return without_server_paths(value, known)
     if isinstance(value, dict):
-        return {k: _without_paths(v, known) for k, v in value.items()}
+        return {k: without_paths_in(v, known) for k, v in value.items()}
     if isinstance(value, list):
-        return [_without_paths(v, known) for v in value]
+        return [without_paths_in(v, known) for v in value]
     return value

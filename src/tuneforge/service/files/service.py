@@ -87,8 +87,10 @@ def upload(ctx: ServiceContext, org: Org, *, filename: str, purpose: str, source
 
 def add_result_file(ctx: ServiceContext, org_id: str, job_id: str, filename: str, content: bytes) -> str:
     """The results file of a job, owned by the job's org. Its id follows from the job's, so writing it
-    again (a worker that crashed after writing it) makes no second file."""
-    file_id = "file-" + hashlib.sha256(f"results\0{job_id}".encode()).hexdigest()[:24]
+    again (a worker that crashed after writing it) makes no second file; a job's other result files (its
+    before/after report) are told apart by their names."""
+    key = f"results\0{job_id}" + ("" if filename == "step_metrics.csv" else f"\0{filename}")
+    file_id = "file-" + hashlib.sha256(key.encode()).hexdigest()[:24]
     path = file_path(ctx, file_id)
     tmp = path.with_name(f".tmp-{file_id}")
     tmp.write_bytes(content)

@@ -7,11 +7,12 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
 # OpenAI's bounds where it states them; ours where the engine needs one (every number a client sends is bounded).
 MAX_EPOCHS, MAX_BATCH_SIZE, MAX_LR_MULTIPLIER, MAX_BETA = 50, 256, 10.0, 10.0
+MAX_EVAL_NEW_TOKENS, MAX_EVAL_EXAMPLES = 256, 20
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -69,6 +70,24 @@ class MethodIn(_Request):
     reinforcement: dict[str, Any] | None = None
 
 
+class JobEvalIn(_Request):
+    """`tuneforge.eval` of a job request: the before/after report on the job's `validation_file` (the service sets
+    the spec's `eval.data` to it). Checked by the jobs service, which names the field in its 400."""
+    model_config = ConfigDict(extra="forbid", strict=True)  # as the schema says: 1 is not a boolean
+
+    before_after: bool = Field(True, description="After training, evaluate the base and the fine-tuned model on the "
+                               "validation_file and add report.json and report.md to the job's result_files.")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_EVAL_NEW_TOKENS,
+                                description="Generation budget per held-out example.")
+    examples: int = Field(5, ge=0, le=MAX_EVAL_EXAMPLES, description="Held-out examples shown side by side in "
+                          "report.md (report.json holds every example's outputs).")
+
+
+EXTENSION_SCHEMA = {"type": "object", "additionalProperties": True, "properties": {
+    "eval": {**JobEvalIn.model_json_schema(), "description": "Before/after report on the job's validation_file "
+             "(needs one); `data` is the service's."}}}
+
+
 class JobCreate(_Request):
     model: str = Field(description="A base model this server offers (GET /v1/models).")
     training_file: str = Field(description="ID of an uploaded file with purpose fine-tune.")
@@ -80,9 +99,10 @@ class JobCreate(_Request):
                                "model's name.")
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
-    tuneforge: dict[str, Any] | None = Field(
+    tuneforge: Annotated[dict[str, Any], WithJsonSchema(EXTENSION_SCHEMA)] | None = Field(
         None, description="tuneforge extension: any part of the job spec, e.g. {\"method\": \"qlora\", "
-        "\"adapter\": {\"r\": 8}, \"training\": {\"max_steps\": 20}} (validated by the same JobSpec as the CLI).")
+        "\"adapter\": {\"r\": 8}, \"training\": {\"max_steps\": 20}} (validated by the same JobSpec as the CLI). "
+        "{\"eval\": {\"before_after\": true}} with a validation_file: a before/after report among the result_files.")
 
     @field_validator("metadata")
     @classmethod

@@ -22,8 +22,9 @@ from tuneforge.service.context import ServiceContext
 from tuneforge.service.errors import InvalidRequest, NotFound, TooManyRequests
 from tuneforge.service.files.service import file_path
 from tuneforge.service.idempotency import idempotent, payload_hash
-from tuneforge.service.jobs.protocol import (Checkpoint, CheckpointList, EventList, Job, JobCreate, JobList,
-                                             checkpoint_object, event_object, job_object)
+from tuneforge.service.jobs.protocol import (MAX_EVAL_EXAMPLES, MAX_EVAL_NEW_TOKENS, Checkpoint, CheckpointList,
+                                             EventList, Job, JobCreate, JobEvalIn, JobList, checkpoint_object,
+                                             event_object, job_object)
 from tuneforge.service.storage.store import now
 
 BASE_LR = 2.0e-4  # what learning_rate_multiplier multiplies: the engine's default peak learning rate
@@ -35,8 +36,8 @@ SERVICE_OWNED = {
     "output_dir": "the service keeps each job's run folder itself",
     "data.train": "upload the file and give its id as `training_file`",
     "data.validation": "upload the file and give its id as `validation_file`",
-    "eval": "held-out evaluation through the API is not available yet: give a `validation_file` for validation "
-            "loss and token accuracy during training",
+    "eval.data": "the before/after report evaluates the job's own held-out file: upload it and give its id as "
+                 "`validation_file`",
     "trust_remote_code": "this server never runs code that comes with a model; choose a base model from "
                          "GET /v1/models",
     "distributed.nnodes": "jobs train on this server's machine only (use tuneforge.distributed.nproc for its ranks)",
@@ -172,6 +173,31 @@ def prepare_base(ctx: ServiceContext, job: dict, spec) -> bool:
     return True
 
 
+def _eval_section(ctx: ServiceContext, req: JobCreate, value: Any) -> dict:
+    """`tuneforge.eval` of a request (before_after, max_new_tokens, examples; bounded by JobEvalIn) as the spec's
+    `eval`, its data the job's validation_file. 400 naming the field on a problem."""
+    from pydantic import ValidationError
+
+    hint = f"; it takes before_after, max_new_tokens (1 to {MAX_EVAL_NEW_TOKENS}) and examples (0 to {MAX_EVAL_EXAMPLES})"
+    if not isinstance(value, dict):
+        raise InvalidRequest(f'tuneforge.eval: give an object, e.g. {{"before_after": true}}{hint}',
+                             param="tuneforge.eval", code="invalid_job_spec")
+    try:
+        section = JobEvalIn.model_validate(value)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        param = "tuneforge.eval" + (f".{where}" if where else "")
+        raise InvalidRequest(f"{param}: {first.get('msg', 'invalid')}{hint}", param=param,
+                             code="invalid_job_spec") from None
+    if not req.validation_file:
+        raise InvalidRequest("tuneforge.eval: the before/after report evaluates held-out data, the job's "
+                             "validation_file: upload a JSONL file (purpose 'fine-tune') and give its id as "
+                             "`validation_file`, or leave out tuneforge.eval", param="validation_file",
+                             code="invalid_job_spec")
+    return {**section.model_dump(), "data": str(file_path(ctx, req.validation_file))}
+
+
 def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int,
                    org: Org | None = None) -> tuple[Any, dict]:
     """The tuneforge JobSpec for a request, and the resolved hyperparameters. 400 naming the `param` on a problem.
@@ -220,6 +246,8 @@ def build_job_spec(ctx: ServiceContext, req: JobCreate, job_id: str, seed: int,
     if req.validation_file:
         raw["data"]["validation"] = str(file_path(ctx, req.validation_file))
     raw = _merge(raw, ext)
+    if "eval" in ext:
+        raw["eval"] = _eval_section(ctx, req, ext["eval"])
     try:
         spec = build_spec(raw, source="request")
     except SpecError as e:

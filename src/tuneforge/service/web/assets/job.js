@@ -1,7 +1,7 @@
 // Job page: the job, its live training curves, events, checkpoints, result files and controls. While the job is
 // unfinished it polls the events endpoint: the newest page, read back until an event already seen (the API
 // lists events newest first, and `after` pages towards older ones).
-import { api, listAll, paths } from "./api.js";
+import { api, listAll, paths, request } from "./api.js";
 import { MetricsChart } from "./chart.js";
 import { $, badge, boot, downloadFile, el, fmt, FINISHED, playgroundLink, say, setChildren } from "./ui.js";
 
@@ -122,6 +122,50 @@ async function renderResults() {
     el("button", { type: "button", class: "secondary", text: `Download ${f.filename || f.id}`,
                    onclick: (e) => downloadFile(f.id, f.filename).catch((err) => { e.target.textContent = err.message; }) }),
     f.bytes !== undefined ? ` ${fmt.bytes(f.bytes)}` : "")));
+  await renderReport(files).catch((e) => { $("#report-hint").textContent = `The report could not be read: ${e.message}`; });
+}
+
+// The before/after report's metrics in evaluation/report.py's order: lower is better, then higher is better.
+const LOWER_IS_BETTER = ["loss", "perplexity"];
+const HIGHER_IS_BETTER = ["accuracy", "macro_f1", "token_accuracy", "exact_match", "f1", "token_f1", "bleu", "chrf",
+  "rule_pass_rate", "distinct_1", "distinct_2", "entity_precision", "entity_recall", "entity_f1", "reward_accuracy",
+  "reward_margin", "implicit_reward_accuracy"];
+const REPORT_EXAMPLES = 5;  // when the resolved spec does not say (eval.examples)
+
+/** The job's report.json (a result file, read through the Files API) as a table and examples side by side. */
+async function renderReport(files) {
+  const file = files.find((f) => f.filename === "report.json");
+  if (!file) return;
+  const report = await (await request(`${paths.file(file.id)}/content`)).json();
+  const base = report.base || {}, tuned = report.fine_tuned || {};
+  const rows = [...LOWER_IS_BETTER, ...HIGHER_IS_BETTER]
+    .filter((k) => typeof base[k] === "number" && typeof tuned[k] === "number")
+    .map((k) => {
+      const change = tuned[k] - base[k];
+      const better = LOWER_IS_BETTER.includes(k) ? change < 0 : change > 0;
+      return el("tr", {},
+        el("th", { scope: "row", text: k }),
+        el("td", { class: "num", text: fmt.number(base[k]) }),
+        el("td", { class: "num", text: fmt.number(tuned[k]) }),
+        el("td", { class: "num", text: `${change >= 0 ? "+" : ""}${fmt.number(change)}`
+          + (change === 0 ? "" : better ? " (better)" : " (worse)") }));
+    });
+  setChildren($("#report-table tbody"), rows);
+  say($("#report-summary"), `${fmt.count(base.examples)} held-out examples from ${report.data || "the validation file"}; `
+    + "the same data and greedy decoding for both models.");
+  let shown = REPORT_EXAMPLES;
+  try {
+    const spec = (await api.get(paths.jobSpec(jobId))).spec;
+    if (spec.eval && Number.isInteger(spec.eval.examples)) shown = spec.eval.examples;
+  } catch { /* the default */ }
+  const before = base.outputs || [], after = tuned.outputs || [];
+  const examples = before.slice(0, Math.min(shown, after.length)).map((b, i) => el("tr", {},
+    el("td", { text: b.prompt }), el("td", { text: b.reference }), el("td", { text: b.output }),
+    el("td", { text: after[i].output })));
+  setChildren($("#report-examples-table tbody"), examples);
+  $("#report-examples").hidden = examples.length === 0;
+  $("#report").hidden = false;
+  $("#report-hint").hidden = true;
 }
 
 async function renderSpec() {

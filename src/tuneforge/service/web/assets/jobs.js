@@ -65,6 +65,14 @@ async function loadFiles(select) {
       text: `${f.filename} · ${fmt.bytes(f.bytes)} · ${f.id}` })));
     box.value = files.some((f) => f.id === keep) ? keep : "";
   }
+  syncBeforeAfter();
+}
+
+/** The before/after report evaluates the validation file: the box is only on offer with one chosen. */
+function syncBeforeAfter() {
+  const box = $("#before-after");
+  box.disabled = !$("#validation-file").value;
+  if (box.disabled) box.checked = false;
 }
 
 async function upload(file) {
@@ -126,6 +134,9 @@ function jobRequest() {
     }
   }
   body.tuneforge = { ...extra, method: $("#method").value };
+  if (body.validation_file && $("#before-after").checked) {
+    body.tuneforge.eval = { ...(extra.eval || {}), before_after: true };
+  }
   return body;
 }
 
@@ -264,6 +275,7 @@ async function submit(event) {
 async function start() {
   $("#upload-input").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); });
   $("#job-form").addEventListener("submit", submit);
+  $("#validation-file").addEventListener("change", syncBeforeAfter);
   $("#job-form").addEventListener("change", (e) => { if (e.target.id !== "upload-input") planSoon(); });
   $("#status-filter").addEventListener("change", renderJobs);
   $("#jobs-refresh").addEventListener("click", () => loadJobs().catch(showListError));
