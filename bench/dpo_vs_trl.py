@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -108,16 +107,9 @@ def real_tokens(model: str, data: Path) -> int:
 
 
 def run_child(tool: str, model: str, data: Path, out: Path) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", tool, "--model", model, "--data", str(data),
-                           "--work", str(out)], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{tool} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = wall
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return result
+    from children import measured_child
+
+    return measured_child([__file__, "--child", tool, "--model", model, "--data", str(data), "--work", str(out)], tool)
 
 
 def main() -> None:

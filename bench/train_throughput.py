@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,16 +88,9 @@ def real_tokens(data: Path) -> int:
 
 
 def run_child(tool: str, data: Path, out: Path) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", tool, "--data", str(data), "--out", str(out)],
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{tool} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = wall
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return result
+    from children import measured_child
+
+    return measured_child([__file__, "--child", tool, "--data", str(data), "--out", str(out)], tool)
 
 
 def main() -> None:

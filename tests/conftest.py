@@ -30,12 +30,16 @@ CHAT_RECORDS = [
 OPT_IN = ("lmeval", "long")  # marks whose tests run only when `-m` names them
 
 
+def asked_for(config, mark: str) -> bool:
+    """Whether `-m` names the opt-in `mark`."""
+    return mark in (config.option.markexpr or "")
+
+
 def pytest_collection_modifyitems(config, items):
     """Opt-in marks: lmeval (a real client in its own venv) and long (minutes of training or measuring) run only
     when `-m` names them (`make test-all` runs everything; `make test-clients` the real clients)."""
-    asked = config.option.markexpr or ""
     for mark in OPT_IN:
-        if mark in asked:
+        if asked_for(config, mark):
             continue
         skip = pytest.mark.skip(reason=f"opt-in: pytest -m {mark} (make test-all)")
         for item in items:

@@ -167,7 +167,9 @@ def full_matrix(config) -> bool:
     """The whole method x strategy matrix runs with `-m long` (`make test-all`; it also rewrites the tables in
     docs/distributed.md). The default suite runs a covering subset: every strategy with LoRA and full
     fine-tuning (the cells the validation tests read) and every other method at least once, 21 of 35 runs."""
-    return "long" in (config.option.markexpr or "")
+    from tests.conftest import asked_for
+
+    return asked_for(config, "long")
 
 
 # (method, strategy) cells of the default suite beyond LoRA and full at every strategy

@@ -185,6 +185,12 @@ class BatchEngine(Engine):
             return 0, None
         return self.prefix_cache.lookup(seq.adapter, seq.prompt_ids)
 
+    def _stores(self, seq: Sequence, cached: int) -> bool:
+        """Whether `seq`'s prompt has whole blocks the prefix cache lacks (its first `cached` tokens it holds)."""
+        if self.prefix_cache is None or len(seq.prompt_ids) >= self.window:
+            return False
+        return len(seq.prompt_ids) // self.prefix_cache.block * self.prefix_cache.block > cached
+
     def _prefill_rows(self, seqs: list[Sequence], scored: bool = False) -> None:
         """One forward over the sequences' prompts, less the prefix of each whose KV the prefix cache holds (a
         prompt to score computes every position); each samples its first token. A row is laid out as
@@ -217,7 +223,7 @@ class BatchEngine(Engine):
                                       past_key_values=_cache(self.net, past), **kw)
         layers = _layers(cache)
         for i, seq in enumerate(seqs):
-            if self.prefix_cache is not None and len(seq.prompt_ids) < self.window:
+            if self._stores(seq, hits[i][0]):
                 real = mask[i].nonzero().squeeze(1)  # the prompt's own columns
                 self.prefix_cache.store(seq.adapter, seq.prompt_ids, [(k[i:i + 1].index_select(2, real),
                                                                        v[i:i + 1].index_select(2, real))

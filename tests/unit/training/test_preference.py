@@ -203,8 +203,6 @@ def test_precomputed_reference_gives_the_same_losses(tiny_models, pairs_file, tm
 
 @pytest.mark.parametrize("method, loss", [("lora", "dpo"), ("full", "dpo"), ("lora", "orpo")])
 def test_grad_accum_matches_big_batch(tiny_models, pairs_file, tmp_path, method, loss):
-    from safetensors.torch import load_file
-
     kw = dict(method=method, loss=loss, max_steps=3)
     api.train(pref_spec(tiny_models["llama"], pairs_file, tmp_path / "a", batch_size=6, grad_accum=1, **kw),
               progress=False)
@@ -212,16 +210,21 @@ def test_grad_accum_matches_big_batch(tiny_models, pairs_file, tmp_path, method,
               progress=False)
     for key in ("train_loss", "reward_accuracy", "reward_margin", "logps_chosen"):
         assert metric(tmp_path / "a", key) == pytest.approx(metric(tmp_path / "b", key), abs=1e-5), key
+    assert_same_weights(tmp_path / "a", tmp_path / "b", method, atol=1e-4, rtol=1e-3)
+
+
+def assert_same_weights(a, b, method: str, **tolerance) -> None:
+    """The trained weights of runs `a` and `b` (the full model, or the adapter) agree within `tolerance`."""
+    from safetensors.torch import load_file
+
     name = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
-    wa, wb = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+    wa, wb = load_file(a / name), load_file(b / name)
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(wa[k], wb[k], **tolerance)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_is_exact(tiny_models, pairs_file, tmp_path, method):
-    from safetensors.torch import load_file
-
     kw = dict(method=method, batch_size=4, max_steps=6, save_every=2)
     straight = pref_spec(tiny_models["qwen2"], pairs_file, tmp_path / "straight", **kw)
     straight["adapter"]["dropout"] = 0.1
@@ -234,10 +237,7 @@ def test_resume_is_exact(tiny_models, pairs_file, tmp_path, method):
     assert done.status == "succeeded" and done.steps == 6
     for key in ("train_loss", "reward_margin", "eval_loss", "eval_reward_accuracy"):
         assert metric(tmp_path / "split", key) == pytest.approx(metric(tmp_path / "straight", key), abs=1e-6), key
-    name = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
-    ws, wp = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
-    for k in ws:
-        torch.testing.assert_close(ws[k], wp[k], atol=1e-6, rtol=1e-5)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split", method, atol=1e-6, rtol=1e-5)
 
 
 def test_full_fine_tune_cannot_resume_without_its_reference(tiny_models, pairs_file, tmp_path):
