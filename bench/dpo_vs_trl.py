@@ -21,11 +21,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import in_fresh_parent, print_round  # bench/children.py (this folder is sys.path[0])
 
 MODEL = "smollm2-135m-instruct"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -106,12 +106,6 @@ def real_tokens(model: str, data: Path) -> int:
     return encoded.total_tokens
 
 
-def run_child(tool: str, model: str, data: Path, out: Path) -> dict:
-    from children import measured_child
-
-    return measured_child([__file__, "--child", tool, "--model", model, "--data", str(data), "--work", str(out)], tool)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
@@ -136,20 +130,10 @@ def main() -> None:
     # RUSAGE_CHILDREN is a running maximum, so each child's peak is measured in a fresh grandparent.
     for r in range(args.rounds):
         for tool in ("tuneforge", "trl") if r % 2 == 0 else ("trl", "tuneforge"):
-            proc = subprocess.run([sys.executable, "-c", (
-                "import json,sys; sys.argv=['x']; sys.path.insert(0, %r); import dpo_vs_trl as b; "
-                "from pathlib import Path; print(json.dumps(b.run_child(%r, %r, Path(%r), Path(%r))))"
-            ) % (str(Path(__file__).parent), tool, args.model, str(data), str(work / tool))], capture_output=True,
-                text=True)
-            if proc.returncode != 0:
-                raise SystemExit(proc.stderr[-3000:])
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            res["tokens_per_second"] = tokens / res["train_seconds"]
-            res["tokens_per_second_whole_process"] = tokens / res["wall_seconds"]
+            res = in_fresh_parent([__file__, "--child", tool, "--model", args.model, "--data", str(data),
+                                   "--work", str(work / tool)], tool, tokens)
             runs[tool].append(res)
-            print(f"round {r + 1} {tool:9s}: {res['tokens_per_second']:.0f} tok/s in train(), "
-                  f"{res['tokens_per_second_whole_process']:.0f} tok/s whole process, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB, loss {res['final_loss']:.3f}", file=sys.stderr)
+            print_round(r, tool, res)
 
     def med(tool, key):
         return statistics.median(r[key] for r in runs[tool])

@@ -14,11 +14,11 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import in_fresh_parent, print_round  # bench/children.py (this folder is sys.path[0])
 
 WORDS = ("the model reads a ticket and answers in a short clear sentence about billing shipping refunds "
          "accounts passwords delivery tracking errors crashes invoices orders customers support team").split()
@@ -87,12 +87,6 @@ def real_tokens(data: Path) -> int:
     return sum(min(len(encode_chat(tok, r).input_ids), HP["max_seq_len"]) for r in rows)
 
 
-def run_child(tool: str, data: Path, out: Path) -> dict:
-    from children import measured_child
-
-    return measured_child([__file__, "--child", tool, "--data", str(data), "--out", str(out)], tool)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
@@ -119,19 +113,10 @@ def main() -> None:
     # RUSAGE_CHILDREN is a running maximum, so each child's peak is measured in a fresh grandparent.
     for r in range(args.rounds):
         for tool in ("tuneforge", peer) if r % 2 == 0 else (peer, "tuneforge"):
-            proc = subprocess.run([sys.executable, "-c", (
-                "import json,sys; sys.argv=['x']; sys.path.insert(0, %r); import train_throughput as b; "
-                "from pathlib import Path; print(json.dumps(b.run_child(%r, Path(%r), Path(%r))))"
-            ) % (str(Path(__file__).parent), tool, str(data), str(work / tool))], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(proc.stderr[-3000:])
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            res["tokens_per_second"] = tokens / res["train_seconds"]
-            res["tokens_per_second_whole_process"] = tokens / res["wall_seconds"]
+            res = in_fresh_parent([__file__, "--child", tool, "--data", str(data), "--out", str(work / tool)],
+                                  tool, tokens)
             runs[tool].append(res)
-            print(f"round {r + 1} {tool:9s}: {res['tokens_per_second']:.0f} tok/s in train(), "
-                  f"{res['tokens_per_second_whole_process']:.0f} tok/s whole process, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB, loss {res['final_loss']:.3f}", file=sys.stderr)
+            print_round(r, tool, res)
 
     def med(tool, key):
         return statistics.median(r[key] for r in runs[tool])
