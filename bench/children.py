@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 
-def measured_child(args: list[str], label: str) -> dict:
-    """Run `python ARGS`; its last stdout line is a JSON object, returned with the child's wall time and peak
-    RSS. RUSAGE_CHILDREN is a running maximum over every child this process waited for: use
+def measured_child(args: list[str], label: str, measure: bool = True) -> dict:
+    """Run `python ARGS`; its last stdout line is a JSON object, returned with (`measure`) the child's wall time
+    and peak RSS added. RUSAGE_CHILDREN is a running maximum over every child this process waited for: use
     `in_fresh_parent` to measure one child per parent."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
@@ -20,8 +20,9 @@ def measured_child(args: list[str], label: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = wall
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if measure:
+        result["wall_seconds"] = wall
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return result
 
 
@@ -30,7 +31,7 @@ def in_fresh_parent(args: list[str], label: str, tokens: int) -> dict:
     tokens/s in the measured function and over the whole process."""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"from children import measured_child; print(json.dumps(measured_child({args!r}, {label!r})))")
-    res = measured_child(["-c", code], label)
+    res = measured_child(["-c", code], label, measure=False)  # the fresh parent's figures: its one child's
     res["tokens_per_second"] = tokens / res["train_seconds"]
     res["tokens_per_second_whole_process"] = tokens / res["wall_seconds"]
     return res

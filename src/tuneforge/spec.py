@@ -94,6 +94,8 @@ class KernelChoice(_Strict):
     rmsnorm: Literal["auto", "library"] = Field("auto", description="auto: the fused RMSNorm autograd node.")
     dropout: Literal["auto", "library"] = Field("auto", description="auto: byte-mask adapter dropout (CPU).")
     lora: Literal["auto", "library"] = Field("auto", description="auto: the fused LoRA layer (CPU).")
+    attention: Literal["auto", "library"] = Field(
+        "auto", description="auto: SDPA's math kernel for rows up to 160 tokens, faster there than its flash kernel (CPU).")
 
 
 class TrainingSpec(_Strict):
@@ -102,7 +104,7 @@ class TrainingSpec(_Strict):
     def _kernels_shorthand(cls, v: Any) -> Any:
         if isinstance(v, str):
             if v not in ("auto", "library"):
-                raise ValueError("must be auto, library, or a mapping of loss/rmsnorm/dropout/lora to auto|library")
+                raise ValueError("must be auto, library, or a mapping of loss/rmsnorm/dropout/lora/attention to auto|library")
             return {part: v for part in KernelChoice.model_fields}
         return v
 
@@ -137,7 +139,7 @@ class TrainingSpec(_Strict):
         "exceeds this many tokens into near-equal parts run one after another. The update is the same (the loss "
         "is normalised over the whole step); peak activation memory follows the budget, not the longest batch.")
     kernels: KernelChoice = Field(
-        default_factory=lambda: KernelChoice(), description="Implementations of the step's hot parts (loss, rmsnorm, dropout, lora): auto = "
+        default_factory=lambda: KernelChoice(), description="Implementations of the step's hot parts (loss, rmsnorm, dropout, lora, attention): auto = "
         "tuneforge's measured fast paths where they apply, library = plain transformers/peft; or a mapping per "
         "part, e.g. {lora: library}. The resolved choice is recorded in summary.json (see training/kernels.py).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
@@ -170,6 +172,11 @@ class PreferenceSpec(_Strict):
         "no-grad pass of each batch (the base is the reference: no second model in memory), full fine-tuning "
         "precomputes them; precomputed: one pass over the data before the first step, kept in the run folder "
         "(reference_logps.safetensors) so a resumed run reads them back.")
+    shared_prompt: bool = Field(
+        True, description="Put both replies of a pair in one row after their common prompt, which is then computed "
+        "once (a mask keeps each reply from seeing the other): the same log-probabilities as one row per reply "
+        "(TRL's layout, false) at fewer tokens. Used where the model's attention takes such a mask (SDPA); prompt "
+        "tuning always uses one row per reply.")
 
 
 class DistributedSpec(_Strict):

@@ -226,6 +226,9 @@ def test_python_api_launches_the_ranks_like_the_cli(one_process_runs, tmp_path):
     _assert_same_losses(metrics(one_process_runs / "single-lora"), metrics(tmp_path / "run"))
 
 
+STEPS = 16
+
+
 def test_python_api_with_two_ranks_gives_the_same_events_as_one_process(tiny_models, dist_data, tmp_path,
                                                                          monkeypatch):
     """tuneforge.train with distributed.nproc 2: the ranks run in a child process (the training entry) and its
@@ -236,7 +239,7 @@ def test_python_api_with_two_ranks_gives_the_same_events_as_one_process(tiny_mod
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = dist_spec(tiny_models["llama"], dist_data, tmp_path / "run", world=2, distributed={"strategy": "ddp"},
-                     max_steps=6, save_every=2)
+                     max_steps=STEPS, save_every=2)
     spec["distributed"]["master_port"] = free_port()
     stop, events = StopRequest(), []
 
@@ -246,16 +249,19 @@ def test_python_api_with_two_ranks_gives_the_same_events_as_one_process(tiny_mod
             stop.request("the caller's stop")
 
     stopped = tuneforge.train(spec, on_event=on_event, stop=stop, progress=False)
-    at = stopped.steps  # the events reach the caller while the ranks go on: the stop lands at step 3 or a later one
-    assert stopped.status == "stopped" and stopped.stop_reason == "SIGTERM" and 3 <= at < 6
+    # the events reach the caller while the ranks go on: the stop lands at step 3 or a later one (a few steps
+    # later on a loaded machine: tiny steps take milliseconds, hence the room)
+    at = stopped.steps
+    assert stopped.status == "stopped" and stopped.stop_reason == "SIGTERM" and 3 <= at < STEPS
     assert [e.kind for e in events if e.kind != "warning"][0] == "started"
     assert [e.step for e in events if e.kind == "step"] == list(range(1, at + 1))
-    assert [e.step for e in events if e.kind == "checkpoint"] == sorted({2, 4, at} - {k for k in (4,) if k > at})
+    assert [e.step for e in events if e.kind == "checkpoint"] == sorted(set(range(2, at + 1, 2)) | {at})
     assert events[-1].kind == "stopped" and stopped.checkpoint.endswith(f"step-{at:06d}")
     assert next(e for e in events if e.kind == "started").data["world_size"] == 2
     resumed: list = []
     done = tuneforge.train(tmp_path / "run", resume=True, on_event=resumed.append, progress=False,
                            overrides=[f"distributed.master_port={free_port()}"])
-    assert done.status == "succeeded" and done.steps == 6
-    assert [e.step for e in resumed if e.kind == "step"] == list(range(at + 1, 7)) and resumed[-1].kind == "finished"
-    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    assert done.status == "succeeded" and done.steps == STEPS
+    assert [e.step for e in resumed if e.kind == "step"] == list(range(at + 1, STEPS + 1))
+    assert resumed[-1].kind == "finished"
+    assert [m["step"] for m in metrics(tmp_path / "run")] == list(range(1, STEPS + 1))

@@ -84,10 +84,76 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
-    """B preference pairs as one padded batch of 2B rows: rows 0..B-1 the preferred replies, B..2B-1 the
-    others (TRL's layout), so one forward scores both sides. input_ids, attention_mask, labels (2B, T)."""
-    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, shared_prompt: bool = False,
+                  window: int | None = None) -> dict[str, torch.Tensor]:
+    """B preference pairs as one batch whose forward scores both replies of every pair.
+
+    - `shared_prompt=False` (TRL's layout): 2B padded rows, 0..B-1 the preferred replies, B..2B-1 the others;
+      input_ids, attention_mask, labels (2B, T).
+    - `shared_prompt=True`: B rows, each [the two sides' common prefix (the prompt), the rest of the preferred
+      side, the rest of the other], right-padded; the prompt is computed once for both replies. A 4D boolean
+      attention_mask (B, 1, L, L) lets each reply see the prompt and itself (never the other reply), and
+      position_ids restart the other reply where the prompt ends, so every token sees exactly what it would
+      in its own row: the same log-probabilities as TRL's layout with ~(1 + reply/prompt)/2 of its tokens.
+      `window`: the model's sliding attention window (a key is then visible from a query fewer than `window`
+      positions on, as transformers masks it).
+
+    Both carry the replies' target tokens as flat (N,) indices: `reply_rows`, `reply_positions` (the position
+    whose output predicts the token), `reply_targets` (its id) and `reply_seq` (0..B-1 preferred side of pair
+    b, B..2B-1 the other), and `pairs` (B, a 0-d tensor)."""
+    B = len(pairs)
+    if not shared_prompt:
+        batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        rows, positions = mask.nonzero(as_tuple=True)
+        return {**batch, "reply_rows": rows, "reply_positions": positions,
+                "reply_targets": batch["labels"][:, 1:][mask], "reply_seq": rows, "pairs": torch.tensor(B)}
+    layouts = [_shared_row(p) for p in pairs]
+    L = max(len(ids) for ids, *_ in layouts)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    attention_mask = torch.zeros((B, 1, L, L), dtype=torch.bool)
+    rows, positions, targets, seq = [], [], [], []
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for b, (ids, pos, segment, (chosen_targets, rejected_targets)) in enumerate(layouts):
+        n = len(ids)
+        input_ids[b, :n] = torch.tensor(ids)
+        position_ids[b, :n] = torch.tensor(pos)
+        position_ids[b, n:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + L - n)
+        seg = torch.tensor(segment + [3] * (L - n))  # 0 prompt, 1 preferred reply, 2 the other, 3 padding
+        # a key is visible from a query when it comes no later and is the prompt or the query's own part;
+        # a padding query sees itself only (an all-masked row would give NaN)
+        visible = causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+        if window is not None:
+            visible &= (position_ids[b][:, None] - position_ids[b][None, :]) < window
+        attention_mask[b, 0] = visible
+        attention_mask[b, 0, n:, n:] = torch.eye(L - n, dtype=torch.bool)
+        for s, found in ((b, chosen_targets), (B + b, rejected_targets)):
+            for position, token in found:
+                rows.append(b), positions.append(position), targets.append(token), seq.append(s)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "reply_rows": torch.tensor(rows, dtype=torch.long), "reply_positions": torch.tensor(positions, dtype=torch.long),
+            "reply_targets": torch.tensor(targets, dtype=torch.long), "reply_seq": torch.tensor(seq, dtype=torch.long),
+            "pairs": torch.tensor(B)}
+
+
+def _shared_row(pair: PreferencePair) -> tuple[list[int], list[int], list[int], tuple[list, list]]:
+    """One pair's shared-prompt row: (token ids, positions, segment per token, and per side the (row index
+    whose output predicts it, token id) of each target token)."""
+    c, r = pair.chosen, pair.rejected
+    s = 0
+    while s < min(len(c.input_ids), len(r.input_ids)) and c.input_ids[s] == r.input_ids[s]:
+        s += 1
+    ids = c.input_ids + r.input_ids[s:]
+    pos = list(range(len(c.input_ids))) + list(range(s, len(r.input_ids)))
+    segment = [0] * s + [1] * (len(c.input_ids) - s) + [2] * (len(r.input_ids) - s)
+
+    def row_index(i: int, side: int) -> int:  # where token i of a side sits in the row
+        return i if (i < s or side == 1) else i + len(c.input_ids) - s
+
+    found = tuple([(row_index(i - 1, side), e.labels[i]) for i in range(1, len(e.input_ids))
+                   if e.labels[i] != IGNORE_INDEX] for side, e in ((1, c), (2, r)))
+    return ids, pos, segment, found
 
 
 def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -104,9 +170,3 @@ def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
         positions += range(len(e.input_ids))
     return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "cu_seq_lens_q": torch.tensor(starts + [len(input_ids)])}
-
-
-def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens in a batch that are not padding."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

@@ -5,7 +5,8 @@ Peak memory = (CPU) the process baseline (planning/calibrate.py) + the live-tens
 step measured on a 1- and 2-layer cut of the model and extrapolated (planning/probe.py); (GPU) the live
 peak plus the CUDA context. Step time = the probe's measured time scaled by FLOPs (estimate.step_flops).
 Parameter and byte columns are exact arithmetic on the meta-device model (planning/estimate.py).
-Task preference: a micro-batch of B pairs is 2B rows (both replies), and DPO with an adapter adds a no-grad
+Task preference: a micro-batch of B pairs is B rows (the prompt once, both replies; `shared_prompt`) or 2B
+rows (one per reply), and DPO with an adapter adds a no-grad
 reference forward of those rows per micro-batch (the adapter switched off); a precomputed reference (full
 fine-tuning) costs one forward over the data before the first step instead, not in the step time.
 Data-parallel strategies (ddp, zero1/2/3) are per-rank arithmetic on top of the single-process figures:
@@ -123,10 +124,11 @@ def run_shape(spec, method: str, device: torch.device, rows: int, seq_len: int) 
                     optimizer=t.optimizer, device="cpu")
 
 
-def micro_batch(spec, longest: int | None = None) -> tuple[int, int]:
+def micro_batch(spec, longest: int | None = None, longest_shared: int | None = None) -> tuple[int, int]:
     """(rows, row length) of the largest micro-batch the run will see: batch_size rows of the longest
     example (max_seq_len unless the data are known to be shorter), split by micro_batch_tokens; packed
-    batches are one row; preference pairs are two rows each."""
+    batches are one row; preference pairs are two rows each, or with `shared_prompt` one row each: the
+    prompt once and both replies (`longest_shared` when the data are known, at most twice a reply's row)."""
     t = spec.training
     seq = min(longest or t.max_seq_len, t.max_seq_len)
     rows = t.batch_size
@@ -134,6 +136,8 @@ def micro_batch(spec, longest: int | None = None) -> tuple[int, int]:
         per_row = 2 * seq if spec.task == "preference" else seq
         rows = max(1, min(rows, t.micro_batch_tokens // per_row)) if not t.packing else rows
     if spec.task == "preference":
+        if spec.preference_settings.shared_prompt:
+            return rows, min(longest_shared or 2 * seq, 2 * seq)
         return 2 * rows, seq
     if t.packing:
         total = rows * seq
@@ -143,8 +147,10 @@ def micro_batch(spec, longest: int | None = None) -> tuple[int, int]:
     return rows, seq
 
 
-def data_lengths(spec) -> list[int] | None:
-    """The encoded lengths of the training examples, when the spec's data and tokenizer are readable."""
+def data_lengths(spec) -> tuple[list[int], list[int]] | None:
+    """The encoded lengths of the training examples (a preference pair: its longer reply's row), and their
+    row lengths in a batch (a preference pair with `shared_prompt`: prompt once + both replies; else the
+    same), when the spec's data and tokenizer are readable."""
     try:
         from tuneforge.models import load_tokenizer, resolve_model
         from tuneforge.training.recipe import check_data_files, prepare_data
@@ -152,9 +158,14 @@ def data_lengths(spec) -> list[int] | None:
         reports = check_data_files(spec)
         tokenizer = load_tokenizer(resolve_model(spec.model), spec.trust_remote_code)
         train, _, _ = prepare_data(spec, tokenizer, reports)
-        return [e.length for e in train.examples] or None  # a preference pair: its longer reply's row
     except (TuneforgeError, OSError, ValueError):
         return None
+    if not train.examples:
+        return None
+    lengths = [e.length for e in train.examples]
+    if spec.task == "preference" and spec.preference_settings.shared_prompt:
+        return lengths, [e.shared_length for e in train.examples]
+    return lengths, lengths
 
 
 def row_lengths(lengths: list[int] | None, seq: int, packing: bool) -> tuple[int, ...]:
@@ -224,9 +235,9 @@ def plan(spec, *, methods: tuple[str, ...] = METHODS, strategies: tuple[str, ...
     target = torch.device(device)
     memory_mb = memory_gb * 1024 if memory_gb else machine_memory_mb(device)
     config = load_config(spec.model, spec.trust_remote_code)
-    lengths = data_lengths(spec)
+    lengths, row_lens = data_lengths(spec) or (None, None)
     longest, n_examples = (max(lengths), len(lengths)) if lengths else (None, None)
-    rows, seq = micro_batch(spec, longest)
+    rows, seq = micro_batch(spec, longest, max(row_lens) if row_lens else None)
     t = spec.training
     total_steps = t.max_steps
     if total_steps is None and n_examples:
@@ -238,7 +249,7 @@ def plan(spec, *, methods: tuple[str, ...] = METHODS, strategies: tuple[str, ...
     for method in methods:
         if method == "prompt_tuning" and (t.packing or spec.task == "preference"):
             continue  # the spec refuses these combinations
-        shape = replace(run_shape(spec, method, target, rows, seq), lengths=row_lengths(lengths, seq, t.packing))
+        shape = replace(run_shape(spec, method, target, rows, seq), lengths=row_lengths(row_lens, seq, t.packing))
         counts = count_params(config, method, spec.adapter)
         static = static_bytes(counts, method, getattr(torch, shape.base_dtype), t.optimizer)
         # loading: the checkpoint's pages and the converted weights are resident together for a moment (QLoRA

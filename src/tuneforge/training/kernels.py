@@ -9,10 +9,12 @@ what runs in forward and backward is never a hidden function of the device:
 | rmsnorm | one autograd node keeping input + 1/rms (models/rmsnorm.py), Llama-family norms | transformers' RMSNorm |
 | dropout | CPU: byte-mask dropout (methods/dropout.py), 8x fewer random draws; p rounded to k/256 | torch's nn.Dropout |
 | lora | CPU: one autograd node per LoRA layer + recomputed SwiGLU product (methods/fused_lora.py) | peft's forward |
+| attention | CPU: SDPA's math kernel for rows up to 160 tokens, its flash kernel above (models/attention.py) | transformers' SDPA |
 
 Each `auto` path is tested against the library path it replaces (same loss and gradients; for
-dropout the same distribution). GPUs get the loss and rmsnorm paths; the dropout and LoRA paths are
-CPU-only (on GPU mask generation is cheap and peft's ops already run as fused kernels).
+dropout the same distribution). GPUs get the loss and rmsnorm paths; the dropout, LoRA and attention
+paths are CPU-only (on GPU mask generation is cheap, peft's ops already run as fused kernels, and SDPA picks
+its GPU kernels itself).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-PARTS = ("loss", "rmsnorm", "dropout", "lora")
+PARTS = ("loss", "rmsnorm", "dropout", "lora", "attention")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Kernels:
     rmsnorm: str  # "fused" | "library"
     dropout: str  # "byte" | "library" | "none" (no adapter dropout)
     lora: str  # "fused" | "library" | "none" (no LoRA layers)
+    attention: str = "library"  # "math-short" | "library"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +57,7 @@ def resolve_kernels(setting: str | dict, device: torch.device, method: str = "lo
         rmsnorm="fused" if choice["rmsnorm"] == "auto" else "library",
         dropout="byte" if byte_dropout else "library" if has_dropout else "none",
         lora=lora,
+        attention="math-short" if choice["attention"] == "auto" and cpu else "library",
     )
 
 

@@ -1,8 +1,10 @@
 """Preference tuning in the one training loop: the DPO (sigmoid) and ORPO losses over (chosen, rejected) pairs.
 
-A micro-batch of B pairs is one (2B, T) batch (data/batching.py `collate_pairs`): rows 0..B-1 the preferred
-replies, rows B..2B-1 the others, each prompt + reply with labels on the reply's tokens only. One forward gives
-every row's summed log-probability of its reply, log pi(y | x) = sum_t log p(y_t | x, y_<t) (`sequence_logps`).
+A micro-batch of B pairs is one batch (data/batching.py `collate_pairs`) whose single forward scores both replies
+of every pair: by default one row per pair, the shared prompt once and then both replies, each masked from the
+other (`shared_prompt`); or TRL's 2B rows, prompt + reply each. Labels are on the replies' tokens only; the batch
+lists them (`reply_*`), and the forward gives each reply's summed log-probability,
+log pi(y | x) = sum_t log p(y_t | x, y_<t) (`logps_fn_for`), the preferred replies first (2B,).
 
 - DPO (Rafailov et al. 2023), per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))). The reference
   log-probabilities ref_* come from a no-grad pass of the same batch with the adapter switched off (peft's
@@ -27,7 +29,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tuneforge.data.encode import IGNORE_INDEX
 from tuneforge.models.head import output_head
 from tuneforge.training.loss import linear_token_logprobs, model_inputs
 
@@ -36,39 +37,69 @@ STATS = ("pairs", "correct", "margin", "logps_chosen", "logps_rejected")
 
 
 def count_pairs(batch: dict[str, torch.Tensor]) -> int:
-    """Pairs of a (2B, T) batch that carry loss (a filler batch that keeps ranks in step has none)."""
-    labels = batch["labels"]
-    half = labels.shape[0] // 2
-    return int((labels[:half, 1:] != IGNORE_INDEX).any(dim=1).sum())
+    """Pairs of a batch (data/batching.py `collate_pairs`) that carry loss (a filler batch that keeps ranks in
+    step has none)."""
+    B, seq = int(batch["pairs"]), batch["reply_seq"]
+    return int((torch.bincount(seq[seq < B], minlength=B) > 0).sum())
+
+
+def without_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` with no reply tokens to score: loss 0 and gradient 0, the same forward."""
+    empty = {k: batch[k][:0] for k in ("reply_rows", "reply_positions", "reply_targets", "reply_seq")}
+    return {**batch, **empty}
+
+
+def _sums(batch: dict[str, torch.Tensor], token_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence (2B,): the summed reply log-prob and the reply's token count."""
+    n, seq = 2 * int(batch["pairs"]), batch["reply_seq"]
+    logps = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, seq, token_logps)
+    return logps, torch.bincount(seq, minlength=n)
 
 
 def _hidden_states_logps(decoder, head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = batch["labels"]
     h = decoder(**model_inputs(batch)).last_hidden_state  # (R, T, H)
-    mask = labels[:, 1:] != IGNORE_INDEX  # (R, T-1)
-    token_logps = linear_token_logprobs(h[:, :-1][mask], head.weight, labels[:, 1:][mask])  # (N,)
-    rows = mask.nonzero()[:, 0]
-    logps = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
-    return logps, mask.sum(dim=1)
+    picked = h[batch["reply_rows"], batch["reply_positions"]]  # (N, H): only the outputs that predict a reply token
+    return _sums(batch, linear_token_logprobs(picked, head.weight, batch["reply_targets"]))
 
 
 def _logits_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = batch["labels"]
-    T = labels.shape[1]
-    logits = model(**model_inputs(batch)).logits[:, -T:][:, :-1].float()  # (R, T-1, V)
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    picked = logits.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (picked * mask).sum(dim=1), mask.sum(dim=1)
+    T = batch["input_ids"].shape[1]
+    logits = model(**model_inputs(batch)).logits[:, -T:]  # (R, T, V); prompt tuning prepends virtual tokens
+    picked = logits[batch["reply_rows"], batch["reply_positions"]].float()  # (N, V)
+    token_logps = picked.gather(-1, batch["reply_targets"][:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    return _sums(batch, token_logps)
 
 
 def logps_fn_for(model, chunked: bool = True):
-    """`f(batch) -> (summed reply log-prob per row (R,), reply tokens per row (R,))`: from hidden states through
-    the head chunk by chunk (no (R, T, V) logits) when the head is frozen and `chunked`, else the full logits."""
+    """`f(batch) -> (summed reply log-prob per sequence (2B,), reply tokens per sequence (2B,))`: from hidden
+    states through the head chunk by chunk (no (R, T, V) logits) when the head is frozen and `chunked`, else
+    the full logits."""
     fast = output_head(model) if chunked else None
     if fast is not None and not fast[1].weight.requires_grad:
         return functools.partial(_hidden_states_logps, *fast)
     return functools.partial(_logits_logps, model)
+
+
+def shared_prompt_window(model) -> tuple[bool, int | None]:
+    """Whether a batch for `model` can put both replies of a pair in one row after their prompt (collate_pairs
+    `shared_prompt`), and the sliding attention window its mask must apply (None: none). It can when attention
+    goes through SDPA, which takes the 4D mask as given, every layer attends alike (one mask serves all; models
+    that mix full and sliding layers take TRL's layout), and there are no virtual tokens (prompt tuning prepends
+    them to every row, and its mask is 2D)."""
+    from tuneforge.models.attention import NAMES
+
+    config = getattr(model, "config", None)
+    peft_config = getattr(model, "active_peft_config", None)
+    if (getattr(config, "_attn_implementation", None) not in ("sdpa", *NAMES)
+            or getattr(peft_config, "is_prompt_learning", False)):
+        return False, None
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if len(kinds) > 1:
+        return False, None
+    window = getattr(config, "sliding_window", None)
+    if kinds == {"full_attention"} or not isinstance(window, int):
+        window = None
+    return True, window
 
 
 def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -98,13 +129,16 @@ class PreferenceLoss:
 
     `reference`: "adapter" (a no-grad pass with the adapter off), "precomputed" (read `ref_logps` from the
     batch; see `precompute_reference`) or "none" (ORPO). `stats` sums STATS over the calls since the last
-    `take_stats()`. While `reference_only` is set a call returns the reference log-probs (2B,) instead, so a
+    `take_stats()`. Batches come from `collate(pairs, pad_id)` (the layout this model takes). While `reference_only` is set a call returns the reference log-probs (2B,) instead, so a
     precomputation goes through the same (possibly wrapped) forward as training."""
 
-    def __init__(self, model, *, loss: str, beta: float, reference: str, chunked: bool = True):
+    def __init__(self, model, *, loss: str, beta: float, reference: str, chunked: bool = True,
+                 shared_prompt: bool = True):
         if loss == "orpo":
             reference = "none"
         self.model, self.loss, self.beta, self.reference = model, loss, beta, reference
+        can_share, self.window = shared_prompt_window(model)
+        self.shared_prompt = shared_prompt and can_share  # the layout of collate_pairs for this model
         self.logps = logps_fn_for(model, chunked)
         self.stats = torch.zeros(len(STATS), dtype=torch.float64)
         self.reference_only = False
@@ -132,6 +166,12 @@ class PreferenceLoss:
                                        (logps[:half].detach().double() * v).sum(),
                                        (logps[half:].detach().double() * v).sum()]).cpu()
         return loss, correct
+
+    def collate(self, pairs, pad_id: int) -> dict[str, torch.Tensor]:
+        """`pairs` as one batch in this loss's layout (data/batching.py collate_pairs)."""
+        from tuneforge.data.batching import collate_pairs
+
+        return collate_pairs(pairs, pad_id, shared_prompt=self.shared_prompt, window=self.window)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -184,7 +224,6 @@ def precompute_reference(forward, loss: PreferenceLoss, data, batch_size: int, p
                          autocast_dtype) -> torch.Tensor:
     """The reference log-probs of every pair of `data` (EncodedData of PreferencePairs) as an (N, 2) fp32 table
     (chosen, rejected), through `forward` (the loop's ForwardLoss, wrapped or not) with `loss.reference_only`."""
-    from tuneforge.data.batching import collate_pairs
     from tuneforge.hardware import autocast
 
     pairs = data.examples
@@ -192,7 +231,7 @@ def precompute_reference(forward, loss: PreferenceLoss, data, batch_size: int, p
     loss.reference_only = True
     try:
         for ids in batches_in_order(len(pairs), [p.length for p in pairs], batch_size):
-            batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in ids], pad_id).items()}
+            batch = {k: v.to(device) for k, v in loss.collate([pairs[i] for i in ids], pad_id).items()}
             with autocast(device, autocast_dtype):
                 ref, _ = forward(batch)
             ref = ref.float().cpu()
@@ -207,7 +246,6 @@ def dataset_preference_metrics(forward, loss: PreferenceLoss, model, data, batch
                                autocast_dtype, table: torch.Tensor | None = None) -> dict[str, float]:
     """Validation for task preference: the mean loss per pair and the reward accuracy and margin over a whole
     encoded dataset; `model` (the module whose mode switches) is left as it was."""
-    from tuneforge.data.batching import collate_pairs
     from tuneforge.hardware import autocast
     from tuneforge.training.run_dir import EVAL_LOSS
 
@@ -216,7 +254,7 @@ def dataset_preference_metrics(forward, loss: PreferenceLoss, model, data, batch
     loss.take_stats()  # the caller took the step's already; start clean
     pairs, loss_sum = data.examples, 0.0
     for ids in batches_in_order(len(pairs), [p.length for p in pairs], batch_size):
-        batch = attach_reference(collate_pairs([pairs[i] for i in ids], pad_id), table, ids)
+        batch = attach_reference(loss.collate([pairs[i] for i in ids], pad_id), table, ids)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, autocast_dtype):
             value, _ = forward(batch)

@@ -42,8 +42,7 @@ import torch
 import yaml
 
 from tuneforge import files
-from tuneforge.data.batching import (collate, collate_packed, collate_pairs, real_tokens, split_by_tokens,
-                                     step_groups)
+from tuneforge.data.batching import collate, collate_packed, split_by_tokens, step_groups
 from tuneforge.data.encode import EncodedData, encode_records
 from tuneforge.data.validate import validate_jsonl
 from tuneforge.distributed import ForwardLoss, Strategy, build_strategy
@@ -51,7 +50,7 @@ from tuneforge.errors import CheckpointError, DataError, OutputError, SpecError,
 from tuneforge.hardware import autocast, grad_scaler, resolve_base_dtype, resolve_device, resolve_precision
 from tuneforge.methods.peft_builders import apply_method, base_weight_bytes, count_parameters
 from tuneforge.models import load_model, load_tokenizer, resolve_model
-from tuneforge.models.attention import use_packed_attention
+from tuneforge.models.attention import use_tuneforge_attention
 from tuneforge.spec import JobSpec
 from tuneforge.training import checkpoint as ckpt
 from tuneforge.training.allocator import release_free_memory
@@ -62,7 +61,7 @@ from tuneforge.training.loss import count_targets, dataset_loss, loss_fn_for
 from tuneforge.training.metrics import MetricsLogger, peak_rss_mb, plot_loss_curve
 from tuneforge.training.preference import (PreferenceLoss, attach_reference, count_pairs, dataset_preference_metrics,
                                           load_reference, metrics_from_stats, precompute_reference,
-                                          reference_fingerprint, save_reference)
+                                          reference_fingerprint, save_reference, without_targets)
 from tuneforge.training.run_dir import (EVAL_ACCURACY, EVAL_LOSS, EVAL_REWARD_ACCURACY, TRAIN_ACCURACY, TRAIN_LOSS,
                                         RunDir)
 
@@ -100,12 +99,14 @@ def load_base(spec: JobSpec, model_path: Path, device: torch.device, base_dtype:
 
 def prepare_model(base, *, method: str, adapter, kernels: Kernels, packing: bool, gradient_checkpointing: bool,
                   checkpoint_every: int = 1, tokenizer_path: str | None = None):
-    """`base` with the chosen kernels installed (training/kernels.py), packed attention if asked, the method
+    """`base` with the chosen kernels installed (training/kernels.py; models/attention.py for packed rows and the
+    attention kernel), the method
     applied (peft), and its trainable weights in fp32 (their optimizer state too). Used by the recipe on the
     loaded base and by the planner's probe on a randomly initialised cut of it."""
     install_kernels(base, kernels, before_peft=True)
-    if packing:
-        use_packed_attention(base)
+    short_math = kernels.attention == "math-short" and base.config._attn_implementation == "sdpa"
+    if packing or short_math:
+        use_tuneforge_attention(base, short_math=short_math)
     model = apply_method(base, method, adapter, tokenizer_path=tokenizer_path,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every)
     install_kernels(model, kernels, before_peft=False)
@@ -453,7 +454,7 @@ class Recipe:
         if self.spec.task == "preference":  # the loss sums over pairs; reference passes go through the same forward
             p = self.spec.preference_settings
             self.preference = PreferenceLoss(self.model, loss=p.loss, beta=p.beta, reference=self.reference,
-                                             chunked=self.chunked)
+                                             chunked=self.chunked, shared_prompt=p.shared_prompt)
         # forward(batch) -> (loss sum, correct) as one module, so DDP / FSDP2 / DeepSpeed see every forward
         strategy.heartbeat("sharding the model")
         loss_fn = self.preference or loss_fn_for(self.model, chunked=self.chunked)
@@ -596,7 +597,8 @@ class Recipe:
         micro_batches = [part for mb in micro_batches
                          for part in split_by_tokens(mb, self.lengths, budget, t.packing)]
         batches = [self.collate(mb) for mb in micro_batches]
-        step_tokens = sum(real_tokens(b) for b in batches)
+        # the examples' tokens (a pair: both replies with their prompt, however a batch lays them out)
+        step_tokens = sum(self.train_data.examples[i].n_tokens for mb in micro_batches for i in mb)
         if strategy.world_size > 1:  # equal forward counts on every rank (wrappers communicate in each)
             batches += [self.empty_batch()] * (int(strategy.all_reduce_max(len(batches))) - len(batches))
         # Normalise by the targets (preference: pairs) of the whole accumulated batch (across processes too).
@@ -630,7 +632,8 @@ class Recipe:
         their precomputed reference log-probs when there are some."""
         examples, pad_id = self.train_data.examples, self.tokenizer.pad_token_id
         if self.preference is not None:
-            return attach_reference(collate_pairs([examples[i] for i in ids], pad_id), self.reference_table, ids)
+            return attach_reference(self.preference.collate([examples[i] for i in ids], pad_id), self.reference_table,
+                                    ids)
         return collate_packed([examples[i] for i in ids]) if self.t.packing else collate([examples[i] for i in ids],
                                                                                            pad_id)
 
@@ -640,6 +643,8 @@ class Recipe:
         from tuneforge.data.encode import IGNORE_INDEX
 
         batch = self.collate([0])
+        if self.preference is not None:
+            return without_targets(batch)
         batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
         return batch
 

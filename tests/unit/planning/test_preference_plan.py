@@ -1,4 +1,4 @@
-"""The planner and compare know task preference: a pair is two rows, DPO with an adapter adds a reference
+"""The planner and compare know task preference: a pair is one row (prompt once, both replies) or two, DPO with an adapter adds a reference
 forward per micro-batch, a precomputed reference (full fine-tuning) does not."""
 from __future__ import annotations
 
@@ -29,8 +29,13 @@ def test_a_pair_is_two_rows_and_dpo_adds_a_reference_forward(tmp_path):
     from tuneforge.planning.estimate import count_params, load_config, step_flops
     from tuneforge.planning.plan import micro_batch, reference_pass
 
-    assert micro_batch(_spec()) == (6, 64)
-    assert micro_batch(_spec(training__micro_batch_tokens=256)) == (4, 64)  # 2 pairs of 2 x 64 fit 256 tokens
+    # one row per pair (the prompt once, then both replies): at most two reply rows long, or as the data say
+    assert micro_batch(_spec()) == (3, 128)
+    assert micro_batch(_spec(), longest=40, longest_shared=52) == (3, 52)
+    assert micro_batch(_spec(training__micro_batch_tokens=256)) == (2, 128)  # 2 pairs of 2 x 64 fit 256 tokens
+    # TRL's layout: one row per reply
+    assert micro_batch(_spec(preference__shared_prompt=False)) == (6, 64)
+    assert micro_batch(_spec(preference__shared_prompt=False, training__micro_batch_tokens=256)) == (4, 64)
     assert reference_pass(_spec(), "lora") and not reference_pass(_spec(), "full")
     assert not reference_pass(_spec(preference__loss="orpo"), "lora")
     assert not reference_pass(_spec(preference__reference="precomputed"), "lora")
@@ -45,11 +50,14 @@ def test_a_pair_is_two_rows_and_dpo_adds_a_reference_forward(tmp_path):
 
 def test_plan_and_compare_train_preference_runs(tiny_models, tmp_path):
     from tuneforge import api
+    from tuneforge.planning.plan import data_lengths
 
     train = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     spec = _spec(tiny_models["llama"], train)
     p = api.plan(spec, methods=("lora", "full", "prompt_tuning"), use_cache=False)
-    assert (p.rows, p.total_steps) == (6, 2)
+    assert (p.rows, p.total_steps) == (3, 2)
+    longer_reply, shared = data_lengths(spec)  # the prompt counted once: shorter than two reply rows
+    assert p.seq_len == max(shared) < 2 * max(longer_reply)
     rows = {r.method: r for r in p.rows_}
     assert set(rows) == {"lora", "full"}  # prompt tuning cannot train pairs: not planned
     assert all(r.predicted_step_seconds and r.predicted_peak_mb for r in rows.values())

@@ -49,7 +49,8 @@ def test_default_run_uses_fast_paths_and_records_them(tiny_models, chat_file, tm
     del spec["training"]["precision"]
     spec["adapter"]["dropout"] = 0.05
     s = api.train(spec, progress=False)
-    assert s.kernels == {"loss": "chunked", "rmsnorm": "fused", "dropout": "byte", "lora": "fused"}
+    assert s.kernels == {"loss": "chunked", "rmsnorm": "fused", "dropout": "byte", "lora": "fused",
+                         "attention": "math-short"}
     assert s.adapter_dropout == 13 / 256  # 0.05 rounded to a multiple of 1/256
     expected = "bfloat16" if cpu_has_fast_bf16() else "float32"
     assert s.precision == expected and s.base_dtype == expected
@@ -69,7 +70,8 @@ def test_library_kernels_leave_the_libraries_own_modules(tiny_models, chat_file,
     spec = tiny_spec(tiny_models["llama"], chat_file, tmp_path / "run", max_steps=1, kernels="library")
     spec["adapter"]["dropout"] = 0.05
     s = api.train(spec, progress=False)
-    assert s.kernels == {"loss": "library", "rmsnorm": "library", "dropout": "library", "lora": "library"}
+    assert s.kernels == {"loss": "library", "rmsnorm": "library", "dropout": "library", "lora": "library",
+                         "attention": "library"}
     assert s.adapter_dropout == 0.05
     _, model = _built(spec, "library")
     base = model.get_base_model().model

@@ -29,14 +29,15 @@ GOLDEN = {  # (method, kernels) -> train loss at steps 1, 2, 3
     ("full", "auto"): [5.578366, 5.466118, 5.023179],
     ("full", "library"): [5.578366, 5.466126, 5.023184],
 }
-LIBRARY = {"loss": "library", "rmsnorm": "library"}
+LIBRARY = {"loss": "library", "rmsnorm": "library", "attention": "library"}
+AUTO = {"loss": "chunked", "rmsnorm": "fused", "attention": "math-short"}
 KERNELS = {  # what the summary must record
-    ("lora", "auto"): {"loss": "chunked", "rmsnorm": "fused", "dropout": "byte", "lora": "fused"},
-    ("dora", "auto"): {"loss": "chunked", "rmsnorm": "fused", "dropout": "byte", "lora": "library"},
-    ("qlora", "auto"): {"loss": "chunked", "rmsnorm": "fused", "dropout": "byte", "lora": "library"},
-    ("ia3", "auto"): {"loss": "chunked", "rmsnorm": "fused", "dropout": "none", "lora": "none"},
-    ("prompt_tuning", "auto"): {"loss": "library", "rmsnorm": "fused", "dropout": "none", "lora": "none"},
-    ("full", "auto"): {"loss": "chunked", "rmsnorm": "fused", "dropout": "none", "lora": "none"},
+    ("lora", "auto"): {**AUTO, "dropout": "byte", "lora": "fused"},
+    ("dora", "auto"): {**AUTO, "dropout": "byte", "lora": "library"},
+    ("qlora", "auto"): {**AUTO, "dropout": "byte", "lora": "library"},
+    ("ia3", "auto"): {**AUTO, "dropout": "none", "lora": "none"},
+    ("prompt_tuning", "auto"): {**AUTO, "loss": "library", "dropout": "none", "lora": "none"},
+    ("full", "auto"): {**AUTO, "dropout": "none", "lora": "none"},
     **{(m, "library"): {**LIBRARY, "dropout": "library", "lora": "library"} for m in ("lora", "dora", "qlora")},
     **{(m, "library"): {**LIBRARY, "dropout": "none", "lora": "none"} for m in ("ia3", "prompt_tuning", "full")},
 }

@@ -14,15 +14,16 @@ from tuneforge.data.batching import collate, collate_packed
 from tuneforge.data.encode import Example, encode_chat
 from tuneforge.methods import apply_method
 from tuneforge.models import load_model, load_tokenizer
-from tuneforge.models.attention import use_packed_attention
+from tuneforge.models.attention import use_tuneforge_attention
 from tuneforge.spec import AdapterSpec
 from tuneforge.training.loss import loss_fn_for, model_inputs
 
 
-def lora_model(path, packed_attention=False):
+def lora_model(path, packed_attention=None):
+    """packed_attention: None (transformers' SDPA), "per-example" or "per-example+math" (models/attention.py)."""
     base = load_model(path)
     if packed_attention:
-        use_packed_attention(base)
+        use_tuneforge_attention(base, short_math=packed_attention.endswith("math"))
     model = apply_method(base, "lora", AdapterSpec(r=4, dropout=0.0))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -31,7 +32,7 @@ def lora_model(path, packed_attention=False):
     return model
 
 
-@pytest.mark.parametrize("packed_attention", [False, True], ids=["block-mask", "per-example"])
+@pytest.mark.parametrize("packed_attention", [None, "per-example", "per-example+math"])
 @pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2", "mistral"])
 def test_packed_equals_padded(tiny_models, arch, packed_attention):
     tok = load_tokenizer(tiny_models[arch])
@@ -62,7 +63,7 @@ def test_packed_equals_padded(tiny_models, arch, packed_attention):
         torch.testing.assert_close(g2[name], g1[name], atol=1e-5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("packed_attention", [False, True], ids=["block-mask", "per-example"])
+@pytest.mark.parametrize("packed_attention", [None, "per-example", "per-example+math"])
 def test_no_attention_across_examples(tiny_models, packed_attention):
     model = lora_model(tiny_models["llama"], packed_attention).eval()
     a, b = Example(list(range(5, 25)), list(range(5, 25))), Example(list(range(40, 52)), list(range(40, 52)))

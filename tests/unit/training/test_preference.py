@@ -47,9 +47,9 @@ def metric(run_dir, key) -> list[float]:
 # ---------------------------------------------------------------- against TRL
 
 
-def _model_and_batch(model_dir, kernels):
+def _model_and_batch(model_dir, kernels, shared_prompt=False):
     """Our LoRA model (with `kernels`) with a random non-zero adapter (B = 0 at init would make policy ==
-    reference), and one batch of 6 pairs as our collator makes it."""
+    reference), and one batch of 6 pairs as our collator makes it (in TRL's layout, or `shared_prompt`)."""
     from tuneforge.data.batching import collate_pairs
     from tuneforge.data.encode import encode_example
     from tuneforge.models import load_model, load_tokenizer
@@ -66,15 +66,19 @@ def _model_and_batch(model_dir, kernels):
         for p in ours.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    batch = collate_pairs([encode_example(tok, "preference", r) for r in PAIRS[4:10]], tok.pad_token_id)
+    batch = collate_pairs([encode_example(tok, "preference", r) for r in PAIRS[4:10]], tok.pad_token_id,
+                          shared_prompt=shared_prompt)
     return tok, ours, batch
 
 
-@pytest.mark.parametrize("kernels", ["auto", "library"])
-def test_dpo_matches_trl(tiny_models, tmp_path, kernels):
+@pytest.mark.parametrize("kernels, shared_prompt", [("auto", True), ("auto", False), ("library", True)])
+def test_dpo_matches_trl(tiny_models, tmp_path, kernels, shared_prompt):
+    """TRL scores its own layout (one row per reply); ours either that one or one row per pair (shared prompt)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from tuneforge.data.batching import collate_pairs
+    from tuneforge.data.encode import encode_example
     from tuneforge.training.preference import PreferenceLoss, count_pairs
 
     from peft import LoraConfig
@@ -82,7 +86,12 @@ def test_dpo_matches_trl(tiny_models, tmp_path, kernels):
     from tuneforge.models import load_model
 
     model_dir = tiny_models["llama"]
-    tok, ours, batch = _model_and_batch(model_dir, kernels)
+    tok, ours, trl_batch = _model_and_batch(model_dir, kernels)
+    batch = collate_pairs([encode_example(tok, "preference", r) for r in PAIRS[4:10]], tok.pad_token_id,
+                          shared_prompt=True) if shared_prompt else trl_batch
+    if shared_prompt:  # one row per pair, fewer tokens than TRL's two
+        assert batch["input_ids"].shape[0] * 2 == trl_batch["input_ids"].shape[0]
+        assert batch["input_ids"].numel() < 0.75 * trl_batch["input_ids"].numel()
     beta = 0.3
     # TRL applies the adapter itself (a PeftModel given to it would be an existing adapter, its reference that
     # adapter's copy): the base with a new adapter, whose weights are then set to ours.
@@ -100,8 +109,8 @@ def test_dpo_matches_trl(tiny_models, tmp_path, kernels):
         for n, q in theirs.named_parameters():
             if q.requires_grad:
                 q.copy_(ours_params[n])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "completion_mask": (batch["labels"] != -100).long()}
+    inputs = {"input_ids": trl_batch["input_ids"], "attention_mask": trl_batch["attention_mask"],
+              "completion_mask": (trl_batch["labels"] != -100).long()}
     theirs.train()
     trl_loss = trainer._compute_loss(theirs, inputs, return_outputs=False)
     trl_loss.backward()
@@ -158,7 +167,7 @@ def test_chunked_log_probs_equal_full_logits(tiny_models):
     from tuneforge.training import loss as loss_module
     from tuneforge.training.preference import logps_fn_for
 
-    _, ours, batch = _model_and_batch(tiny_models["qwen2"], "library")
+    _, ours, batch = _model_and_batch(tiny_models["qwen2"], "library", shared_prompt=True)
     results = []
     for chunked, chunk in ((False, None), (True, 7)):  # a chunk that splits the targets unevenly
         ours.zero_grad()
@@ -172,18 +181,60 @@ def test_chunked_log_probs_equal_full_logits(tiny_models):
         torch.testing.assert_close(results[0][1][n], results[1][1][n], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch, config", [("llama", {}), ("phi3", {"sliding_window": 9}),
+                                          ("mistral", {"sliding_window": 5}),
+                                          ("qwen2", {"use_sliding_window": True, "sliding_window": 7,
+                                                     "max_window_layers": 1})])
+def test_shared_prompt_rows_score_like_one_row_per_reply(tmp_path, arch, config):
+    """One row per pair (the prompt once, each reply masked from the other) gives each reply the log-prob and
+    gradients of a row of its own, sliding attention windows included (phi3, mistral: every layer; qwen2 mixing
+    full and sliding layers: one row per reply, as one 4D mask cannot serve both)."""
+    from tuneforge.data.batching import collate_pairs
+    from tuneforge.data.encode import encode_example
+    from tuneforge.models import load_model, load_tokenizer
+    from tuneforge.models.tiny import make_tiny_model
+    from tuneforge.training.preference import PreferenceLoss, shared_prompt_window
+
+    model_dir = make_tiny_model(arch, tmp_path / arch, **config)
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    pairs = [encode_example(tok, "preference", r) for r in PAIRS]
+    shares, window = shared_prompt_window(model)
+    assert (shares, window) == ((False, None) if arch == "qwen2" else (True, config.get("sliding_window")))
+    if not shares:
+        return
+    rows, shared = (collate_pairs(pairs, tok.pad_token_id, shared_prompt=flag, window=window) for flag in (False, True))
+    # the rejected replies never see the preferred ones: one row's mask, by segment
+    b = 0
+    n_c = len(pairs[b].chosen.input_ids)
+    common = shared["position_ids"][b, n_c]  # where the other reply's positions restart: the shared prefix
+    assert 0 < common < n_c and torch.equal(shared["input_ids"][b, :n_c], torch.tensor(pairs[b].chosen.input_ids))
+    assert not shared["attention_mask"][b, 0, n_c:, common:n_c].any()
+    assert shared["input_ids"].numel() < 0.8 * rows["input_ids"].numel()
+    loss = PreferenceLoss(model, loss="dpo", beta=0.1, reference="adapter", chunked=False)
+    model.eval()
+    results = []
+    for batch in (rows, shared):
+        model.zero_grad()
+        logps, counts = loss.logps(batch)
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        results.append((logps.detach(), counts, {n: q.grad.clone() for n, q in model.named_parameters()}))
+    (a, ca, ga), (b_, cb, gb) = results
+    assert torch.equal(ca, cb) and ca.min() > 0
+    torch.testing.assert_close(a, b_, atol=2e-5, rtol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-5, rtol=1e-4)
+
+
 def _with_chunk(model, batch, chunk):
-    from tuneforge.data.encode import IGNORE_INDEX
     from tuneforge.models.head import output_head
     from tuneforge.training.loss import linear_token_logprobs, model_inputs
 
     decoder, head = output_head(model)
-    labels = batch["labels"]
     h = decoder(**model_inputs(batch)).last_hidden_state
-    mask = labels[:, 1:] != IGNORE_INDEX
-    token = linear_token_logprobs(h[:, :-1][mask], head.weight, labels[:, 1:][mask], chunk=chunk)
-    logps = torch.zeros(labels.shape[0]).index_add(0, mask.nonzero()[:, 0], token)
-    return logps, mask.sum(1)
+    picked = h[batch["reply_rows"], batch["reply_positions"]]
+    token = linear_token_logprobs(picked, head.weight, batch["reply_targets"], chunk=chunk)
+    n = 2 * int(batch["pairs"])
+    return torch.zeros(n).index_add(0, batch["reply_seq"], token), torch.bincount(batch["reply_seq"], minlength=n)
 
 
 # ---------------------------------------------------------------- the loop's invariants, for pairs
