@@ -95,7 +95,8 @@ class KernelChoice(_Strict):
     dropout: Literal["auto", "library"] = Field("auto", description="auto: byte-mask adapter dropout (CPU).")
     lora: Literal["auto", "library"] = Field("auto", description="auto: the fused LoRA layer (CPU).")
     attention: Literal["auto", "library"] = Field(
-        "auto", description="auto: SDPA's math kernel for rows up to 160 tokens, faster there than its flash kernel (CPU).")
+        "auto", description="auto: SDPA's math kernel for rows up to 160 tokens, faster there than its flash "
+        "kernel (CPU).")
 
 
 class TrainingSpec(_Strict):
@@ -104,7 +105,8 @@ class TrainingSpec(_Strict):
     def _kernels_shorthand(cls, v: Any) -> Any:
         if isinstance(v, str):
             if v not in ("auto", "library"):
-                raise ValueError("must be auto, library, or a mapping of loss/rmsnorm/dropout/lora/attention to auto|library")
+                raise ValueError("must be auto, library, or a mapping of loss/rmsnorm/dropout/lora/attention to "
+                                 "auto|library")
             return {part: v for part in KernelChoice.model_fields}
         return v
 

@@ -132,18 +132,15 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, shared_prompt: bool 
             for position, token in found:
                 rows.append(b), positions.append(position), targets.append(token), seq.append(s)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "reply_rows": torch.tensor(rows, dtype=torch.long), "reply_positions": torch.tensor(positions, dtype=torch.long),
-            "reply_targets": torch.tensor(targets, dtype=torch.long), "reply_seq": torch.tensor(seq, dtype=torch.long),
+            **{f"reply_{k}": torch.tensor(v, dtype=torch.long)
+               for k, v in (("rows", rows), ("positions", positions), ("targets", targets), ("seq", seq))},
             "pairs": torch.tensor(B)}
 
 
 def _shared_row(pair: PreferencePair) -> tuple[list[int], list[int], list[int], tuple[list, list]]:
     """One pair's shared-prompt row: (token ids, positions, segment per token, and per side the (row index
     whose output predicts it, token id) of each target token)."""
-    c, r = pair.chosen, pair.rejected
-    s = 0
-    while s < min(len(c.input_ids), len(r.input_ids)) and c.input_ids[s] == r.input_ids[s]:
-        s += 1
+    c, r, s = pair.chosen, pair.rejected, pair.common_prefix
     ids = c.input_ids + r.input_ids[s:]
     pos = list(range(len(c.input_ids))) + list(range(s, len(r.input_ids)))
     segment = [0] * s + [1] * (len(c.input_ids) - s) + [2] * (len(r.input_ids) - s)

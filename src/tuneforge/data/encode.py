@@ -64,12 +64,16 @@ class PreferencePair:
         return self.chosen.n_tokens + self.rejected.n_tokens
 
     @property
+    def common_prefix(self) -> int:
+        """Tokens both sides start with (the prompt, and any first reply tokens they share)."""
+        c, r = self.chosen.input_ids, self.rejected.input_ids
+        return next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+
+    @property
     def shared_length(self) -> int:
         """Its row length with the prompt once (collate_pairs `shared_prompt`): the common prefix, then the rest
         of each reply."""
-        c, r = self.chosen.input_ids, self.rejected.input_ids
-        s = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
-        return len(c) + len(r) - s
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids) - self.common_prefix
 
     def truncated(self, n: int) -> PreferencePair:
         return PreferencePair(self.chosen.truncated(n), self.rejected.truncated(n))

@@ -129,8 +129,9 @@ class PreferenceLoss:
 
     `reference`: "adapter" (a no-grad pass with the adapter off), "precomputed" (read `ref_logps` from the
     batch; see `precompute_reference`) or "none" (ORPO). `stats` sums STATS over the calls since the last
-    `take_stats()`. Batches come from `collate(pairs, pad_id)` (the layout this model takes). While `reference_only` is set a call returns the reference log-probs (2B,) instead, so a
-    precomputation goes through the same (possibly wrapped) forward as training."""
+    `take_stats()`. Batches come from `collate(pairs, pad_id)` (the layout this model takes). While
+    `reference_only` is set a call returns the reference log-probs (2B,) instead, so a precomputation goes
+    through the same (possibly wrapped) forward as training."""
 
     def __init__(self, model, *, loss: str, beta: float, reference: str, chunked: bool = True,
                  shared_prompt: bool = True):

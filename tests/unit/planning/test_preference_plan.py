@@ -1,5 +1,5 @@
-"""The planner and compare know task preference: a pair is one row (prompt once, both replies) or two, DPO with an adapter adds a reference
-forward per micro-batch, a precomputed reference (full fine-tuning) does not."""
+"""The planner and compare know task preference: a pair is one row (prompt once, both replies) or two, DPO
+with an adapter adds a reference forward per micro-batch, a precomputed reference (full fine-tuning) does not."""
 from __future__ import annotations
 
 import json
