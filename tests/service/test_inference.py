@@ -61,6 +61,40 @@ def _never_stop(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
+STARTUP = """
+import json, sys
+from fastapi.testclient import TestClient
+from tuneforge.service.app import create_app
+from tuneforge.service.auth import create_key
+from tuneforge.service.settings import ServiceSettings
+
+settings = ServiceSettings(data_dir=sys.argv[1], base_models={"tiny": sys.argv[2]}, adapters={"served-lora": sys.argv[3]})
+app = create_app(settings)
+key = create_key(app.state.store, settings.pepper(), "acme")
+with TestClient(app) as client:
+    health = client.get("/health").json()
+    models = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+heavy = [m for m in ("torch", "transformers", "peft", "onnxruntime", "onnxruntime_genai", "llguidance") if m in sys.modules]
+print(json.dumps({"health": health, "models": sorted(m["id"] for m in models["data"]), "heavy": heavy}))
+"""
+
+
+def test_the_api_process_starts_without_the_inference_stack(service_model, runs, tmp_path):
+    """`tuneforge serve` answers health and model lists before any model is asked for, without importing torch,
+    transformers, peft or ONNX Runtime (a second to start, ~110 MB): they load with the first model."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", STARTUP, str(tmp_path / "data"), str(service_model), str(runs["lora"])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["health"] == {"status": "ok", "active": 0, "waiting": 0}
+    assert {"tiny", "served-lora"} <= set(answer["models"])
+    assert answer["heavy"] == []
+
+
 def chat(client, model, prompt, **kw):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                           **{"temperature": 0, **kw})

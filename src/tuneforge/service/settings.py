@@ -103,7 +103,7 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
     a servable model (a finished run, a merged model, a peft adapter folder or an ONNX export) stops the start with
     one line instead of being listed to every org and failing each request."""
     from tuneforge.errors import TuneforgeError
-    from tuneforge.serving.onnx_engine import check_export, is_export
+    from tuneforge.serving.exports import check_export, is_export
     from tuneforge.serving.registry import run_target
 
     out = {}

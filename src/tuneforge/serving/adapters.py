@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.errors import ModelError
-from tuneforge.serving.lora import RowAdapters
 
 log = logging.getLogger("tuneforge.serving")
 
@@ -40,6 +39,8 @@ class AdapterSet:
         self.loaded: collections.OrderedDict[str, int] = collections.OrderedDict()  # name -> bytes, LRU first
         self.lock = threading.Lock()
         self.loads = 0  # how many times an adapter was loaded (evictions make it grow)
+        from tuneforge.serving.lora import RowAdapters  # torch and peft: only once a model is served
+
         self.rows = RowAdapters()  # the engine's per-row adapters, read by the gathered LoRA layers
         self.gathered = False  # the model's LoRA layers take `rows` (serving/lora.py); else peft's adapter_names
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from tuneforge.errors import ModelError
 
 CALL_TRIGGER = "<tool_call>"
@@ -39,7 +37,6 @@ RESPONSE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 # At most one whitespace character at each place JSON allows whitespace (the pattern is matched at most once).
 ARGUMENTS_JSON = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]", "item_separator": ",", "key_separator": ":",
                   "json_allow_general_unicode_escapes": True}
-BIT = torch.arange(32, dtype=torch.int32)  # bit i of a bitmask word is token 32 * word + i
 
 
 def call_begin(name: str) -> str:
@@ -92,15 +89,18 @@ class Constraint:
     """One sequence's matcher (engine thread only)."""
 
     def __init__(self, matcher, vocab_size: int):
+        import torch  # here, not at the top: the API process imports this module (CALL_TRIGGER) before any model
+
         self.matcher = matcher
         self.bitmask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)  # (ceil(V / 32),)
+        self.bit = torch.arange(32, dtype=torch.int32)  # bit i of a bitmask word is token 32 * word + i
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits (V,) of tokens the grammar does not allow next to -inf, in place."""
         # What llguidance.torch.fill_next_token_bitmask does; that module is not imported: it costs ~4 s
         # (torch._dynamo, for its torch.compile'd apply kernel, which on CPU compiles C++ at first use).
         self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
-        allowed = ((self.bitmask[:, None] >> BIT) & 1).flatten()[:logits.shape[-1]]  # (V,)
+        allowed = ((self.bitmask[:, None] >> self.bit) & 1).flatten()[:logits.shape[-1]]  # (V,)
         logits.masked_fill_(allowed.to(logits.device) == 0, float("-inf"))
 
     def accept(self, token: int) -> bool:

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.errors import ModelError
-from tuneforge.serving.adapters import AdapterSet, AdapterSource
+from tuneforge.serving.adapters import AdapterSource
 from tuneforge.serving.base import Engine
-from tuneforge.serving.engine import BatchEngine
-from tuneforge.serving.onnx_engine import OnnxEngine, is_export, read_export, served_names
+from tuneforge.serving.exports import is_export, read_export, served_names
 from tuneforge.training.run_dir import RunDir
 
 MIXABLE = ("lora", "qlora")
@@ -56,8 +55,6 @@ def operator_models(adapters: dict[str, str]) -> dict[str, tuple[Path, str | Non
 
 def onnx_target(folder: Path, adapter: str | None) -> Target:
     """Target for an ONNX export: a merged one (adapter None), or `adapter` of an adapters export."""
-    from tuneforge.serving.adapters import AdapterSource
-
     record = read_export(folder)
     if adapter is None:
         if record["format"] != "onnx":
@@ -172,9 +169,14 @@ class ModelServer:
         return engine
 
     def _start(self, target: Target) -> Engine:
+        # The inference stack (torch, transformers, peft; ONNX Runtime) is imported here, when the first model
+        # loads: the API process starts in about a second and needs none of it for fine-tuning alone.
         import torch
 
         from tuneforge.models import load_model
+        from tuneforge.serving.adapters import AdapterSet
+        from tuneforge.serving.engine import BatchEngine
+        from tuneforge.serving.onnx_engine import OnnxEngine
 
         if target.engine_key[0] == "onnx":
             return OnnxEngine(target.model_dir, threads=self.threads, max_batch=self.max_batch,
