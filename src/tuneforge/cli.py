@@ -325,7 +325,8 @@ def cmd_serve(args) -> int:
     settings = settings.model_copy(update={
         "max_upload_bytes": args.max_upload_mb * 2**20, "max_active_jobs_per_org": args.max_jobs_per_org,
         "heartbeat_seconds": args.heartbeat_seconds, "reclaim_after_seconds": args.reclaim_after_seconds,
-        "poll_seconds": args.poll_seconds, "training_threads": args.training_threads, "max_batch": args.max_batch,
+        "poll_seconds": args.poll_seconds, "training_threads": args.training_threads,
+        "fork_attempts": args.fork_attempts, "max_batch": args.max_batch,
         "max_waiting": args.max_queue, "max_adapters": args.max_adapters,
         "max_adapter_bytes": args.max_adapter_mb * 2**20, "inference_threads": args.inference_threads,
         "inference_precision": args.inference_precision, "shutdown_grace_seconds": args.shutdown_grace_seconds,
@@ -484,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=positive_float, default=1.0,
                    help="how often workers look for jobs and for cancel/pause (default 1)")
     p.add_argument("--training-threads", type=positive_int, help="torch threads per training process")
+    p.add_argument("--no-fork-attempts", dest="fork_attempts", action="store_false",
+                   help="start each training attempt as a fresh Python process (default: forked from its worker, "
+                   "which imports the training stack once)")
     p.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
                    help="serve a CLI-trained run, merged model or ONNX export (`tuneforge export onnx`) as model NAME "
                    "to every org; an ONNX adapters export serves NAME:ADAPTER per adapter, NAME:base the base "

@@ -79,3 +79,85 @@ def die_with_parent(parent: int | None = None):
 def exit_with_parent() -> None:
     """The same, from inside the child (for processes another library starts: the ranks torch's launcher starts)."""
     _set_parent_death_signal()
+
+
+class Forked:
+    """A child made by `fork_call`, with the part of `subprocess.Popen` a parent that watches it needs."""
+
+    def __init__(self, pid: int, title: str):
+        self.pid, self.args, self.returncode = pid, title, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)  # -N: killed by signal N, as Popen says it
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def fork_call(target, *, output, title: str) -> Forked:
+    """Run `target()` (returning an exit status) in a child forked from this process, which keeps every module
+    this process imported: no interpreter start, no imports. The child's stdout and stderr go to the file
+    `output`, its stop signals are Python's defaults again, it dies with this process (as `die_with_parent`),
+    and `ps` shows it as `title`. Call it only from a process with one thread that never ran torch's thread
+    pool or CUDA (a worker that only imported them): a fork copies neither threads nor a GPU context."""
+    parent = os.getpid()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid:
+        return Forked(pid, title)
+    code = 2
+    try:
+        die_with_parent(parent)()
+        fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        # new text streams over fds 1 and 2: the parent's sys.stdout may be anything (a pytest capture, a pipe)
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+        for handler in logging.getLogger().handlers:  # basicConfig's handler holds the parent's stderr
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setStream(sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+        code = target()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 — the child must never return into its parent's code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def ranks_server(tmp_path_factory, service_model):
+    # Attempts as fresh processes here (--no-fork-attempts): the other service tests fork them from the worker
     server = Server(tmp_path_factory.mktemp("ranks") / "data", service_model, None, workers=1,
-                    extra=["--max-job-ranks", "2"])
+                    extra=["--max-job-ranks", "2", "--no-fork-attempts"])
     server.start()
     yield server
     server.stop()

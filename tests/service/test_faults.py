@@ -34,7 +34,8 @@ def group_processes(pgid: int) -> dict[int, list[str]]:
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            # a forked training attempt's title is one string (setproctitle): "python -m ...runner JOB WORKER"
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").split()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
@@ -53,6 +54,11 @@ def runner_job(argv: list[str]) -> str | None:
     """The job id of a `python -m tuneforge.service.runner JOB_ID WORKER_ID` command line."""
     at = argv.index(RUNNER) + 1 if RUNNER in argv else len(argv)
     return argv[at] if at < len(argv) else None
+
+
+def parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 def kill(pid: int) -> bool:
@@ -193,11 +199,16 @@ def test_kill_training_process_mid_training(fault_server, train_jsonl):
     store = fault_server.store()
     wait_until(lambda: last_step(store, job_id) >= 25, 120, "step 25")
     (pid,) = job_processes(fault_server.proc.pid, RUNNER, job_id)
+    (worker,) = job_processes(fault_server.proc.pid, WORKER)
+    assert parent(pid) == worker
     assert kill(pid)
     store.dispose()
     messages = finish_and_audit(fault_server, job_id, 200)
     assert any(m.startswith("Training process ended unexpectedly (exit status -9)") for m in messages)
     assert any(m.startswith("Fine-tuning resumed from step") for m in messages)
+    log = (fault_server.data_dir.parent / f"serve-{fault_server.port}.log").read_text()
+    preloads = [line for line in log.splitlines() if "imported the training stack" in line and f"-{worker}-" in line]
+    assert len(preloads) == 1, preloads  # both attempts forked from one import
 
 
 def test_kill_worker_mid_training(fault_server, train_jsonl):

@@ -1,4 +1,5 @@
-"""One training attempt of one job, in its own process: `python -m tuneforge.service.runner JOB_ID`.
+"""One training attempt of one job, in its own process: `python -m tuneforge.service.runner JOB_ID`, or (the
+default) a child forked from its worker, which imported the training stack once (`ps` shows it the same way).
 
 Its own process because the engine sets process-wide state for some jobs (the QLoRA allocator setting,
 layers patched in place, torch's thread pool) and one job must never inherit another's. It resumes from
@@ -227,14 +228,17 @@ def run(job_id: str, worker_id: str | None = None) -> int:
     return EXIT_OK if summary.status == "succeeded" else EXIT_STOPPED
 
 
-def main() -> int:
-    if len(sys.argv) not in (2, 3):
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tuneforge.service.runner JOB_ID [WORKER_ID]`, or the same arguments in a child its worker forked
+    (service/worker.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (1, 2):
         print("usage: python -m tuneforge.service.runner JOB_ID [WORKER_ID]", file=sys.stderr)
         return 2
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return run(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None)
+        return run(argv[0], argv[1] if len(argv) == 2 else None)
     except Exception:
         logging.getLogger("tuneforge.service.runner").exception("training attempt crashed")
         return EXIT_CRASHED

@@ -2,6 +2,10 @@
 (`runner.py`), keeping the job's heartbeat, passing on cancel and pause, and recording how the attempt
 ended. `python -m tuneforge.service.worker` (started by `tuneforge serve --workers N`).
 
+Attempts are forked (`fork_attempts`, the default): when the first job is queued, the worker imports the
+training stack (torch, transformers, peft: ~5 s of CPU) once, and each attempt is a child forked from it,
+which starts training at once. The worker itself never trains, so no attempt inherits another's state.
+
 Survival rules:
 - a job whose worker has been silent for `reclaim_after_seconds` is requeued by any worker and resumes
   from its newest complete checkpoint (a kill -9 of a worker or of the whole server loses at most the
@@ -26,7 +30,7 @@ import time
 from pathlib import Path
 
 from tuneforge.errors import TuneforgeError, error_from_record
-from tuneforge.process import die_with_parent
+from tuneforge.process import die_with_parent, fork_call
 from tuneforge.service.errors import job_error
 from tuneforge.service.context import ServiceContext
 from tuneforge.service.jobs.service import add_event, event, ft_model_name, validate_files
@@ -90,6 +94,7 @@ class Worker:
         self.id = worker_id or f"worker-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.stopping = False  # SIGTERM/SIGINT: the training checkpoints at its next step, then the job is requeued
         self.stop_now = False  # SIGUSR1 (the server's grace period ran out): kill the training, requeue at once
+        self.preloaded = False  # the training stack is imported here: attempts are forked from this process
 
     # ---------------------------------------------------------------- the loop
 
@@ -97,12 +102,31 @@ class Worker:
         log.info("%s started", self.id)
         while not self.stopping:
             self.reclaim()
+            if self.s.fork_attempts and not self.preloaded and self.ctx.store.has_queued_job():
+                self.preload()  # before the claim: a job this worker holds is never left without heartbeats
             job = self.ctx.store.claim_next_job(self.id, self.s.max_running_jobs_per_org)
             if job is None:
                 time.sleep(self.s.poll_seconds)
                 continue
             self.run_job(job)
         log.info("%s stopped", self.id)
+
+    def preload(self) -> None:
+        """Import what every training attempt imports, once: each attempt forked from here skips it."""
+        started = time.time()
+        import peft  # noqa: F401  (the methods' adapters)
+        import torch
+
+        import tuneforge.api  # noqa: F401
+        import tuneforge.training.recipe  # noqa: F401
+
+        if torch.cuda.is_initialized():  # a fork cannot take a CUDA context along: fresh processes, then
+            log.warning("%s: CUDA was initialized while importing; training attempts start as fresh processes",
+                        self.id)
+            return
+        self.preloaded = True
+        log.info("%s imported the training stack in %.1f s; training attempts are forked from it", self.id,
+                 time.time() - started)
 
     def reclaim(self) -> None:
         """Requeue running jobs whose worker went silent; finish validating jobs whose API request died."""
@@ -137,10 +161,7 @@ class Worker:
         attempt = sum(1 for _ in folder.glob("attempt-*.log")) + 1
         add_event(self.ctx, job_id, f"Training attempt {attempt} started by {self.id}",
                   dedup=f"attempt:{attempt}:{self.id}")
-        env = {**os.environ, **self.s.to_env()}
-        with open(folder / f"attempt-{attempt}.log", "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "tuneforge.service.runner", job_id, self.id], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+        proc = self.start_attempt(job_id, folder / f"attempt-{attempt}.log")
         requested = None
         last_beat = time.time()
         while True:
@@ -171,6 +192,18 @@ class Worker:
                 requested = want
                 proc.send_signal(signal.SIGTERM)  # the runner checkpoints at the next step boundary
         self.finish(job, code, folder)
+
+    def start_attempt(self, job_id: str, log_file: Path):
+        """The attempt's process (Popen-like): forked from this worker once it has preloaded, else a fresh
+        `python -m tuneforge.service.runner JOB_ID WORKER_ID`; `ps` shows both as that command line."""
+        command = [sys.executable, "-m", "tuneforge.service.runner", job_id, self.id]
+        if self.preloaded:
+            from tuneforge.service import runner
+
+            return fork_call(lambda: runner.main([job_id, self.id]), output=log_file, title=" ".join(command))
+        with open(log_file, "ab") as out:
+            return subprocess.Popen(command, env={**os.environ, **self.s.to_env()}, stdout=out,
+                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
 
     def finish(self, job: dict, code: int, folder: Path) -> None:
         job_id, store = job["id"], self.ctx.store

@@ -249,6 +249,10 @@ class Store:
                              .values(status="queued", requested=None, attempts=0)).rowcount == 1
             return self._with_event(c, done, event)
 
+    def has_queued_job(self) -> bool:
+        with self.read() as c:
+            return c.execute(select(jobs.c.id).where(jobs.c.status == "queued").limit(1)).first() is not None
+
     def claim_next_job(self, worker_id: str, max_running_per_org: int | None = None) -> dict | None:
         """Atomically take the next queued job: status running, this worker, a fresh heartbeat.
 
