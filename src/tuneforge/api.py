@@ -60,17 +60,19 @@ def train(spec: JobSpec | dict | str | Path, *, overrides: list[str] | tuple[str
     process (training/entry.py), which launches them; `on_event` then receives the main rank's events, the same
     `started` / `step` / `checkpoint` / `finished` as one process, and the main rank's summary is returned."""
     from tuneforge.distributed import needs_launch
-    from tuneforge.training.entry import TrainingProcess
-    from tuneforge.training.recipe import train as run_recipe
 
     job = resolve_job(spec, overrides, resume=resume)
     handler = on_event or (ConsoleProgress() if progress else None)
     predicted = _predict_peak(job, handler, strict_memory) if predict_memory or strict_memory else None
     try:
-        if needs_launch(job.distributed):
+        if needs_launch(job.distributed):  # this process only watches: the training stack loads in the ranks
+            from tuneforge.training.entry import TrainingProcess
+
             child = TrainingProcess(job, resume=resume, overwrite=overwrite, stop_after=stop_after)
             result = child.wait(handler, stop)
         else:
+            from tuneforge.training.recipe import train as run_recipe
+
             result = run_recipe(job, resume=resume, overwrite=overwrite, stop_after=stop_after, on_event=handler,
                                 stop=stop)
     finally:
