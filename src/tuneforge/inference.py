@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tuneforge.errors import CheckpointError, SpecError
 from tuneforge.spec import JobSpec
 from tuneforge.training.run_dir import RunDir
@@ -125,11 +123,12 @@ def check_generation_args(max_new_tokens: int, temperature: float) -> None:
         raise SpecError(f"temperature: must be 0 (greedy) or more, got {temperature}")
 
 
-@torch.no_grad()
 def generate(model: LoadedModel | str | Path, prompts: list, *, max_new_tokens: int = 128,
              temperature: float = 0.0, batch_size: int = 8, seed: int = 0, progress: bool = False) -> list[str]:
     """Complete each prompt (chat: a string as a user turn, or a message list, through the chat template).
     Greedy by default."""
+    import torch
+
     from tuneforge.data.encode import encode_prompt
 
     check_generation_args(max_new_tokens, temperature)
@@ -152,18 +151,20 @@ def generate(model: LoadedModel | str | Path, prompts: list, *, max_new_tokens: 
 
         starts = tqdm(starts, desc="generate", unit="batch", leave=False)
     try:
-        for s in starts:
-            encoded = [encode_prompt(tok, loaded.task, p, loaded.prompt_template) for p in prompts[s : s + batch_size]]
-            longest = max(len(e) for e in encoded)
-            # Left padding: every prompt ends at the same position, where generation starts.
-            input_ids = torch.tensor([[pad_id] * (longest - len(e)) + e for e in encoded], device=device)
-            attention = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in encoded], device=device)
-            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-            out = net.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids(tok), pad_token_id=pad_id, **sampling,
-            )
-            outputs.extend(tok.decode(row[longest:], skip_special_tokens=True).strip() for row in out)
+        with torch.no_grad():
+            for s in starts:
+                encoded = [encode_prompt(tok, loaded.task, p, loaded.prompt_template)
+                           for p in prompts[s : s + batch_size]]
+                longest = max(len(e) for e in encoded)
+                # Left padding: every prompt ends at the same position, where generation starts.
+                input_ids = torch.tensor([[pad_id] * (longest - len(e)) + e for e in encoded], device=device)
+                attention = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in encoded], device=device)
+                sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+                out = net.generate(
+                    input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                    eos_token_id=stop_ids(tok), pad_token_id=pad_id, **sampling,
+                )
+                outputs.extend(tok.decode(row[longest:], skip_special_tokens=True).strip() for row in out)
     finally:
         torch.set_rng_state(generator_state)  # a library call leaves the caller's random stream as it found it
     return outputs

@@ -103,3 +103,16 @@ def test_the_process_check_sees_a_lower_layer_starting_the_cli(tmp_path):
     assert _started_modules(module) == {"tuneforge.cli"}
     module.write_text('CODE = "from tuneforge.planning.probe import _child; _child()"\n')
     assert "tuneforge.planning.probe" in _started_modules(module)
+
+
+def test_the_cli_and_the_python_api_import_no_torch_until_they_need_it():
+    """`tuneforge train missing.yaml` answers in under a second: the CLI, the Python API and the spec load
+    without torch (1-2 s of imports); training, generating and serving import it where they start."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tuneforge, tuneforge.api, tuneforge.cli, tuneforge.spec, tuneforge.service.app; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
