@@ -52,21 +52,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tests.conftest import CHAT_RECORDS  # noqa: E402
 from tests.service.conftest import Server, create_pg_database, drop_pg_database, tiny_job  # noqa: E402
 from tests.service.test_faults import (RUNNER, WORKER, audit_job, group_processes, job_processes, runner_job,  # noqa: E402
-                                       kill, last_step)
+                                       kill, last_step, parent_of)
 
 KINDS = {"api": 1, "worker": 2, "runner": 3, "checkpoint": 3, "sigterm": 1}  # an API kill restarts everything (slow)
 GRACE_SECONDS = 25.0  # `tuneforge serve`'s default --shutdown-grace-seconds
 ATTEMPT_EVENT = re.compile(r"Training attempt (\d+) started by (\S+)")
 TERMINAL = ("succeeded", "failed", "cancelled")
 OTHER = ("no_adapter", "temporaries", "partial_checkpoints", "checkpoint_rows", "results_csv")
-
-
-def parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 class Sampler(threading.Thread):
