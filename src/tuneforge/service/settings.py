@@ -37,8 +37,9 @@ class ServiceSettings(BaseModel):
                                          "(default: torch's own choice).")
     fork_attempts: bool = Field(True, description="Each worker imports the training stack (torch, transformers, "
                                 "peft) once, when the first job is queued, and forks every training attempt from "
-                                "it (seconds sooner to its first step, and that CPU saved); false: each attempt is "
-                                "a fresh `python -m tuneforge.service.runner`.")
+                                "it (seconds sooner to its first step, and that CPU saved; the worker then holds "
+                                "~500 MB of imported modules, shared with its forks); false: each attempt is a "
+                                "fresh `python -m tuneforge.service.runner`.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Served model name -> run folder (or merged "
                                      "model folder) trained with the CLI; every org's key may use them.")
     max_batch: int = Field(16, ge=1, description="Sequences decoded together per loaded model.")
