@@ -94,7 +94,9 @@ class Worker:
         self.id = worker_id or f"worker-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.stopping = False  # SIGTERM/SIGINT: the training checkpoints at its next step, then the job is requeued
         self.stop_now = False  # SIGUSR1 (the server's grace period ran out): kill the training, requeue at once
-        self.preloaded = False  # the training stack is imported here: attempts are forked from this process
+        # None: attempts will be forked once the training stack is imported here; True: it is; False: each attempt
+        # is a fresh process (fork_attempts off, or the import failed here: the attempt then reports why)
+        self.forking: bool | None = None if self.s.fork_attempts else False
 
     # ---------------------------------------------------------------- the loop
 
@@ -102,7 +104,7 @@ class Worker:
         log.info("%s started", self.id)
         while not self.stopping:
             self.reclaim()
-            if self.s.fork_attempts and not self.preloaded and self.ctx.store.has_queued_job():
+            if self.forking is None and self.ctx.store.has_queued_job():
                 self.preload()  # before the claim: a job this worker holds is never left without heartbeats
             job = self.ctx.store.claim_next_job(self.id, self.s.max_running_jobs_per_org)
             if job is None:
@@ -114,17 +116,23 @@ class Worker:
     def preload(self) -> None:
         """Import what every training attempt imports, once: each attempt forked from here skips it."""
         started = time.time()
-        import peft  # noqa: F401  (the methods' adapters)
-        import torch
+        try:
+            import peft  # noqa: F401  (the methods' adapters)
+            import torch
 
-        import tuneforge.api  # noqa: F401
-        import tuneforge.training.recipe  # noqa: F401
-
+            import tuneforge.api  # noqa: F401
+            import tuneforge.training.recipe  # noqa: F401
+        except Exception:  # noqa: BLE001 — a broken install: each attempt then fails and says so in its job
+            log.exception("%s could not import the training stack; training attempts start as fresh processes",
+                          self.id)
+            self.forking = False
+            return
         if torch.cuda.is_initialized():  # a fork cannot take a CUDA context along: fresh processes, then
             log.warning("%s: CUDA was initialized while importing; training attempts start as fresh processes",
                         self.id)
+            self.forking = False
             return
-        self.preloaded = True
+        self.forking = True
         log.info("%s imported the training stack in %.1f s; training attempts are forked from it", self.id,
                  time.time() - started)
 
@@ -197,7 +205,7 @@ class Worker:
         """The attempt's process (Popen-like): forked from this worker once it has preloaded, else a fresh
         `python -m tuneforge.service.runner JOB_ID WORKER_ID`; `ps` shows both as that command line."""
         command = [sys.executable, "-m", "tuneforge.service.runner", job_id, self.id]
-        if self.preloaded:
+        if self.forking:
             from tuneforge.service import runner
 
             return fork_call(lambda: runner.main([job_id, self.id]), output=log_file, title=" ".join(command))
