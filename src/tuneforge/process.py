@@ -7,7 +7,9 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -95,9 +97,6 @@ class Forked:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        import subprocess
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() >= deadline:

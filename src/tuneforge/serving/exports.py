@@ -1,6 +1,7 @@
 """What `tuneforge serve` reads of an ONNX export folder (export.json) before it loads anything: whether a
-folder is an export, whether it may be served, and the model names it serves. No torch, no ONNX Runtime: the
-API process lists and checks exports without loading an inference stack."""
+folder is an export, whether it may be served, and the model names it serves. It imports no torch, so the API
+process lists exports without loading an inference stack; only `check_export` (at `tuneforge serve --adapter`)
+asks ONNX Runtime GenAI to read the folder's config."""
 from __future__ import annotations
 
 import json
