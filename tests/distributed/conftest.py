@@ -16,12 +16,6 @@ import pytest
 from tests.conftest import tiny_spec, write_jsonl
 
 N_EXAMPLES = 13
-# DeepSpeed compiles its CPU communication op into TORCH_EXTENSIONS_DIR on first use (~40 s). The default
-# folder is shared with every other torch program of this user; one that builds the op with other flags
-# makes the next test run rebuild it. A folder of the tests' own (in tuneforge's cache, which `make test`
-# keeps inside the repository) keeps the build across runs.
-_CACHE = Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_CACHE / "torch_extensions-tests"))
 
 
 def chat_records(n: int = N_EXAMPLES) -> list[dict]:
@@ -225,7 +219,12 @@ def rank_runs(one_process_runs, tmp_path_factory, pytestconfig) -> tuple[Path, d
                             distributed=deepspeed_distributed("zero3"), save_every=1)
             jobs += [{**cut, "_name": "ds-resume/stop", "_train": {"stop_after": 2}},
                      {**cut, "_name": "ds-resume/resume", "_train": {"resume": True}}]
-        results = run_in_ranks(jobs, root / "results")
+        # Where DeepSpeed would compile a C++ op (its CPU all-reduce: it must not, test_deepspeed.py checks)
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(root / "torch-extensions")
+        try:
+            results = run_in_ranks(jobs, root / "results")
+        finally:
+            os.environ.pop("TORCH_EXTENSIONS_DIR")
         (root / "done.json").write_text(json.dumps(results))
     return root, results
 

@@ -130,6 +130,22 @@ class _EngineForward(torch.nn.Module):
         return (self.engine or self.module)(batch)
 
 
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed's CPU communication backend from compiling its shared-memory all-reduce when it starts.
+
+    On CPU, `deepspeed.initialize` creates the backend, which JIT-builds the `deepspeed_shm_comm` C++ op into
+    TORCH_EXTENSIONS_DIR (~40 s of two compiler processes on the first run, and a compiler on the machine).
+    Only DeepSpeed inference's `inference_all_reduce` uses that op; training's collectives go through
+    torch.distributed (gloo), with or without it. Marking the op unavailable (the dict DeepSpeed itself reads
+    for "can this machine build it") skips the build. Called in a rank, just before the backend exists."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 class DeepSpeedStrategy(TorchProcessGroup):
     def __init__(self, device: torch.device, d: DistributedSpec, *, batch_size: int, max_grad_norm: float | None,
                  autocast_dtype: torch.dtype | None):
@@ -167,6 +183,8 @@ class DeepSpeedStrategy(TorchProcessGroup):
         import deepspeed
 
         inner = make(params)
+        if self.device.type == "cpu":
+            skip_inference_comm_op()
         self.engine, optimizer, _, _ = deepspeed.initialize(model=self.wrapper.module, optimizer=inner,
                                                              config=self.config, dist_init_required=False)
         self.wrapper.engine = self.engine

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 
-CACHE_VERSION = 4  # 4: the peak is VmHWM (ru_maxrss carried the parent's peak into the child)
+CACHE_VERSION = 5  # 4: the peak is VmHWM (ru_maxrss carried the parent's peak into the child); 5: keyed by the
+# tokenizer's files, not its folder (a copied or moved model, or a test's temporary one, reuses the figure)
 # what a training process may import: their versions key the cached figures (an installed DeepSpeed, say, is
 # imported by transformers and moves the baseline; a cached baseline of 783 MB stood where a fresh one was 476)
 LIBRARIES = ("tuneforge", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "deepspeed", "tokenizers",
@@ -33,6 +34,20 @@ def library_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
+def tokenizer_digest(folder: Path) -> str:
+    """What the baseline depends on in a model folder: its tokenizer files' bytes (sha1), not where they are."""
+    h = hashlib.sha1()
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _baseline_child(tokenizer_path: str) -> None:
@@ -71,6 +86,16 @@ def _baseline_child(tokenizer_path: str) -> None:
     print(json.dumps({"rss_mb": peak_rss_mb()}))
 
 
+def baseline_cache_path(tokenizer_path: Path | None, threads: int) -> tuple[Path, dict]:
+    """(the cached baseline's file, its key): library versions, Python, threads and the tokenizer's content."""
+    from tuneforge.models.load import cache_dir
+
+    key = {"v": CACHE_VERSION, "libraries": library_versions(), "python": sys.version,
+           "tokenizer": tokenizer_digest(tokenizer_path) if tokenizer_path else "", "threads": threads}
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+    return cache_dir() / "plan" / f"baseline-{digest}.json", key
+
+
 def process_baseline_mb(tokenizer_path: Path | None = None, *, threads: int | None = None, use_cache: bool = True) -> float:
     """Peak RSS (MB) of a process set up for training, before any model: the CPU baseline."""
     import os
@@ -78,15 +103,12 @@ def process_baseline_mb(tokenizer_path: Path | None = None, *, threads: int | No
     import torch
 
     from tuneforge.files import atomic_write_text
-    from tuneforge.models.load import cache_dir
 
     has_tokenizer = tokenizer_path is not None and any(
         (Path(tokenizer_path) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    tok = str(Path(tokenizer_path).resolve()) if has_tokenizer else ""
+    tok = Path(tokenizer_path).resolve() if has_tokenizer else None
     threads = threads or torch.get_num_threads()
-    key = json.dumps({"v": CACHE_VERSION, "libraries": library_versions(), "python": sys.version, "tokenizer": tok,
-                      "threads": threads})
-    path = cache_dir() / "plan" / f"baseline-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    path, key = baseline_cache_path(tok, threads)
     if use_cache and path.is_file():
         try:
             return float(json.loads(path.read_text())["rss_mb"])
@@ -94,10 +116,11 @@ def process_baseline_mb(tokenizer_path: Path | None = None, *, threads: int | No
             pass
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", f"from tuneforge.planning.calibrate import _baseline_child; "
-                           f"_baseline_child({tok!r})"], capture_output=True, text=True, env=env, timeout=300)
+                           f"_baseline_child({str(tok or '')!r})"], capture_output=True, text=True, env=env,
+                          timeout=300)
     if proc.returncode != 0:
         raise TuneforgeError(f"could not measure the process baseline: {proc.stderr.strip()[-500:]}")
     rss = float(json.loads(proc.stdout.strip().splitlines()[-1])["rss_mb"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"rss_mb": rss, "key": json.loads(key)}))
+    atomic_write_text(path, json.dumps({"rss_mb": rss, "key": key}))
     return rss
