@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,11 +58,13 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def cli(*args: str, timeout: float = 240, cwd: Path | None = None, **popen) -> subprocess.CompletedProcess:
-    """`tuneforge ARGS` in a subprocess with one thread per rank."""
+def cli(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`tuneforge ARGS` in a process of its own (forked with the imports done: tests/cli_runner.py), one thread
+    per rank."""
+    from tests.cli_runner import run_cli
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    return subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd, **popen)
+    return run_cli(args, timeout=timeout, env=env, cwd=cwd)
 
 
 DOC = Path(__file__).parents[2] / "docs" / "distributed.md"

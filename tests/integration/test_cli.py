@@ -1,4 +1,5 @@
-"""The real CLI as a subprocess: train, --resume (after a SIGKILL), merge, generate, data validate."""
+"""The real CLI in processes of its own: train, --resume (after a SIGKILL of `python -m tuneforge.cli`), merge,
+generate, data validate."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,15 @@ from pathlib import Path
 
 import yaml
 
+from tests.cli_runner import run_cli
 from tests.conftest import CHAT_RECORDS, tiny_spec, write_jsonl
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def tuneforge(*args, check=True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=300, **kw)
+    """`tuneforge ARGS` in a process of its own (forked with the imports done: tests/cli_runner.py)."""
+    proc = run_cli(args, env=ENV, timeout=300, **kw)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
