@@ -22,7 +22,8 @@ from pathlib import Path
 _context = None
 
 
-def _forkserver():
+def preloaded_forkserver():
+    """multiprocessing's forkserver context, its server preloading tests.cli_preload (set before it starts)."""
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
@@ -65,7 +66,7 @@ def run_cli(args, *, env: dict | None = None, cwd: Path | str | None = None, inp
         streams[0].write_text(input or "", encoding="utf-8")
         for path in streams[1:]:
             path.touch()
-        proc = _forkserver().Process(target=_child, args=(argv, dict(os.environ if env is None else env),
+        proc = preloaded_forkserver().Process(target=_child, args=(argv, dict(os.environ if env is None else env),
                                                           str(cwd) if cwd else None, *map(str, streams)))
         proc.start()
         proc.join(timeout)

@@ -1,4 +1,4 @@
-"""Run many small trainings inside one pair of spawned ranks (imports paid once), each in its own process
+"""Run many small trainings inside one pair of ranks (forked with the imports done; paid once), each in its own process
 group: RANK / WORLD_SIZE / MASTER_* are set as torch.distributed.run sets them, and the recipe builds the
 spec's strategy from them exactly as in a launched rank."""
 from __future__ import annotations
@@ -45,7 +45,9 @@ def _all_here(rank: int, world: int, index: int, results: str) -> None:
         time.sleep(0.01)
 
 
-def _rank_main(rank: int, world: int, jobs: list[dict], results: str) -> None:
+def _rank_main(rank: int, world: int, jobs: list[dict], results: str, env: dict) -> None:
+    os.environ.clear()  # the caller's, not the fork server's (started earlier, with the environment of then)
+    os.environ.update(env)
     import torch
 
     torch.set_num_threads(1)
@@ -94,9 +96,13 @@ def run_in_ranks(jobs: list[dict], results: Path, world: int = 2) -> dict:
     rank's `value` of a `_call` job)."""
     import torch.multiprocessing as mp
 
+    from tests.cli_runner import preloaded_forkserver
+
     results.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank_main, args=(world, jobs, str(results)), nprocs=world, join=True)
+    preloaded_forkserver()  # the ranks are forked with torch, transformers and peft imported (tests/cli_runner.py)
+    mp.start_processes(_rank_main, args=(world, jobs, str(results), dict(os.environ)), nprocs=world, join=True,
+                       start_method="forkserver")
     per_rank = [json.loads((results / f"rank{r}.json").read_text()) for r in range(world)]
     merged = dict(per_rank[0])
     for name in merged:
