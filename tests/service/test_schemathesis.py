@@ -11,7 +11,7 @@ SQLite by default; TUNEFORGE_SCHEMATHESIS_DB=postgresql runs it on PostgreSQL (a
 conftest makes them; skipped when none is reachable). TUNEFORGE_SCHEMATHESIS_TAGS picks the operations by
 OpenAPI tag: by default `all` (the fine-tuning API: files, fine-tuning, models; and inference: chat and
 completions on the tiny base model); e.g. `files,models` tests fewer; the summary names every served operation left out. TUNEFORGE_SCHEMATHESIS_EXAMPLES sets the examples
-per operation and phase (default 50: ~1,300 requests, ~45 s on 2 cores beside another test worker; 100 or more
+per operation and phase (default 50: ~2,600 requests, 45-65 s on 2 cores; 100 or more
 for a deeper search), TUNEFORGE_SCHEMATHESIS_SEED
 the seed (default fixed, so a failure reproduces).
 
