@@ -73,8 +73,8 @@ def run_cli(args, *, env: dict | None = None, cwd: Path | str | None = None, inp
         if proc.exitcode is None:
             proc.kill()
             proc.join(10)
-            raise subprocess.TimeoutExpired(["tuneforge", *argv], timeout, streams[1].read_text(),
-                                            streams[2].read_text())
+            raise subprocess.TimeoutExpired(["tuneforge", *argv], timeout, streams[1].read_text(encoding="utf-8"),
+                                            streams[2].read_text(encoding="utf-8"))
         return subprocess.CompletedProcess(["tuneforge", *argv], proc.exitcode,
                                            streams[1].read_text(encoding="utf-8"),
                                            streams[2].read_text(encoding="utf-8"))

@@ -36,14 +36,12 @@ def library_versions() -> dict[str, str | None]:
     return found
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")
-
-
 def tokenizer_digest(folder: Path) -> str:
     """What the baseline depends on in a model folder: its tokenizer files' bytes (sha1), not where they are."""
+    from tuneforge.models.load import TOKENIZER_FILES
+
     h = hashlib.sha1()
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json"):
         path = folder / name
         if path.is_file():
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")

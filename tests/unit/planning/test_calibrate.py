@@ -2,6 +2,7 @@
 bytes), not where the model folder is."""
 from __future__ import annotations
 
+import json
 import shutil
 
 from tuneforge.planning.calibrate import baseline_cache_path
@@ -18,8 +19,6 @@ def test_a_moved_or_copied_model_reuses_the_baseline_and_another_tokenizer_does_
     assert path.parent == tmp_path / "cache" / "plan"
     assert baseline_cache_path(copy, 2)[0] != path  # threads change the figure
     assert baseline_cache_path(None, 1)[0] != path  # no tokenizer loaded
-    import json
-
     vocab = json.loads((copy / "tokenizer.json").read_text())
     vocab["added_tokens"].append({**vocab["added_tokens"][-1], "id": 10_000, "content": "<extra>"})
     (copy / "tokenizer.json").write_text(json.dumps(vocab))
