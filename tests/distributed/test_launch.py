@@ -98,8 +98,8 @@ def test_rendezvous_failures_are_one_line_naming_what_failed(tiny_models, dist_d
 
 
 def _rank_pids(parent: int) -> dict[int, int]:
-    """{RANK: pid} of the ranks among `parent`'s descendants (the CLI starts the training entry, whose launcher
-    starts the ranks)."""
+    """{RANK: pid} of the ranks among `parent`'s descendants (the CLI starts the training entry, whose fork server
+    forks the ranks; each names itself "tuneforge rank R of N: ..." in `ps`)."""
     found, todo = {}, [parent]
     while todo:
         pid = todo.pop()
@@ -110,12 +110,11 @@ def _rank_pids(parent: int) -> dict[int, int]:
         for child in children:
             todo.append(int(child))
             try:
-                env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_bytes().decode().split("\0")
-                           if "=" in kv)
+                title = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if "RANK" in env and "TORCHELASTIC_RUN_ID" in env:
-                found[int(env["RANK"])] = int(child)
+            if title.startswith("tuneforge rank "):
+                found[int(title.split()[2])] = int(child)
     return found
 
 

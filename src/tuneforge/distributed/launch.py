@@ -1,9 +1,10 @@
-"""Starting the ranks (torch.distributed.run's elastic launcher) and picking each rank's strategy.
+"""Starting the ranks (torch.distributed.run's elastic agent) and picking each rank's strategy.
 
 A run with `distributed.nproc` N > 1 is trained by the training entry (training/entry.py), which calls
-`launch_ranks`: torch's elastic agent starts N copies of `python -m tuneforge.training.entry CHANNEL ...` on this
-node, with RANK / WORLD_SIZE / LOCAL_RANK /
-MASTER_ADDR / MASTER_PORT set, and watches them. Multi-node: every node runs the same command with
+`launch_ranks`: torch's elastic agent starts this node's N ranks, each calling the entry's rank function with
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set, and watches them. The ranks are forked from
+multiprocessing's fork server, into which the entry preloads the training stack (torch, transformers, peft):
+it is imported once per launch, not once per rank. Multi-node: every node runs the same command with
 its own `--node-rank`; node 0's agent hosts the rendezvous store at master_addr:master_port (the
 "static" rendezvous, as `torchrun --nnodes N --node-rank R --master-addr A --master-port P`).
 A rank that dies makes the agent stop the others; the error names the rank and how it ended.
@@ -14,6 +15,8 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -76,16 +79,20 @@ def rank_label() -> str:
     return ""
 
 
-def launch_ranks(d: DistributedSpec, rank_args: list[str], threads_per_rank: int | None = None) -> None:
-    """Run `python <rank_args>` (`-m tuneforge.training.entry CHANNEL ...`) as this node's `d.nproc` ranks and wait
-    for them. Call it from a process of its own (the training entry): torch's agent takes over the process's
-    SIGTERM and SIGINT handlers while it runs.
+def launch_ranks(d: DistributedSpec, entrypoint: Callable[..., None], args: tuple, *, log_dir: Path,
+                 threads_per_rank: int | None = None) -> None:
+    """Run `entrypoint(*args)` as this node's `d.nproc` ranks and wait for them. Each rank is a process forked
+    from multiprocessing's fork server (what `multiprocessing.set_forkserver_preload` names is imported there once);
+    `entrypoint` must be importable by name and ends the rank with `sys.exit(code)` when it fails. Call it from a
+    process of its own (the training entry): torch's agent takes over the process's SIGTERM and SIGINT handlers
+    while it runs. `log_dir`: where the agent keeps its per-rank error files (the caller removes it).
 
     Raises DistributedError naming the first rank that failed (its own message is printed above
     by the rank); its exit code is that rank's when it exited with one."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
@@ -94,16 +101,18 @@ def launch_ranks(d: DistributedSpec, rank_args: list[str], threads_per_rank: int
         rdzv_endpoint=f"{d.master_addr}:{d.master_port}",
         rdzv_configs={"rank": d.node_rank, "timeout": int(d.timeout_seconds)},
         # shutdown_timeout: after SIGTERM, how long the ranks have to reach a step boundary and checkpoint
-        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=60,
+        max_restarts=0, monitor_interval=0.2, start_method="forkserver", shutdown_timeout=60,
+        logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)),  # not a torchelastic_* folder left in /tmp per launch
     )
     # Ranks on one node share its cores: one OpenMP team per rank, not one per core each.
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // d.nproc)
     env_before = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the ranks inherit this process's environment
+    # the ranks inherit this process's environment (the fork server starts with it, and its OpenMP reads it then)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
         if d.node_rank > 0:
             check_rendezvous_reachable(d)  # one clear line instead of c10d's C++ log and stack frames
-        elastic_launch(config, entrypoint=sys.executable)(*rank_args)
+        elastic_launch(config, entrypoint=entrypoint)(*args)
     except ChildFailedError as e:
         raise _failure_error(e, d) from None
     except SignalException as e:  # Ctrl-C / SIGTERM: the agent passed it on; ranks stop at a step boundary

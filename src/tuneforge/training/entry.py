@@ -14,7 +14,8 @@ its own, the folder CHANNEL, not on stdout (libraries print there; this process 
 returns the RunSummary, or raises the run's error as its own type (errors.py).
 
 With `distributed.nproc > 1` (and not yet a rank), this process is the launcher: torch's elastic agent starts
-this node's ranks (distributed/launch.py), each running this module with the same CHANNEL. The main rank writes
+this node's ranks (distributed/launch.py), each running `rank_main` with the same CHANNEL in a process forked from
+a fork server that imported the training stack once (`ps` shows them as "tuneforge rank R of N ..."). The main rank writes
 the events; the first rank of the node writes the result; the launcher writes the result only when no rank did
 (a rank that died, a rendezvous that failed). Exit status: 0, or 130/143 when stopped by SIGINT/SIGTERM, or the
 error's exit code.
@@ -112,15 +113,40 @@ def _train_here(channel: Path, spec, args) -> int:
     return _exit_code(summary)
 
 
-def _launch_here(channel: Path, spec, argv: list[str]) -> int:
-    """Start this node's ranks (each runs this module with the same channel) and wait for them. The first rank's
+def entry_flags(*, resume: bool = False, overwrite: bool = False, stop_after: int | None = None) -> list[str]:
+    """The command line flags of this module (after CHANNEL)."""
+    flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+    return flags + (["--stop-after", str(stop_after)] if stop_after else [])
+
+
+def rank_main(channel: str, flags: list[str]) -> None:
+    """One rank of a launch: forked from the launcher's fork server, called by torch's agent with RANK, WORLD_SIZE,
+    LOCAL_RANK and MASTER_ADDR set. The same run as `main` (`flags` are its flags), ended by `sys.exit`."""
+    import setproctitle
+
+    setproctitle.setproctitle(f"tuneforge rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: "
+                              f"python -m tuneforge.training.entry {channel} {' '.join(flags)}".rstrip())
+    code = main([channel, *flags])
+    if code:
+        sys.exit(code)
+
+
+def _launch_here(channel: Path, spec, args) -> int:
+    """Start this node's ranks (each runs `rank_main` with the same channel) and wait for them. The first rank's
     result stands when it says more than the launcher can: a summary when the ranks were stopped, its own error
     (say, a data problem) when it failed; otherwise the launcher's error (which rank died and how, a rendezvous
     failure), also over the first rank's own view of a peer that stopped responding."""
+    import multiprocessing
+
     from tuneforge.distributed import DistributedError, launch_ranks
 
+    # Process-wide, so set here at the entry point: the ranks are forked from a server that imported these once
+    # (each rank would otherwise start an interpreter and import the training stack itself: ~5 s of CPU).
+    preload = ["tuneforge.training.entry", "tuneforge.training.recipe"]
+    multiprocessing.set_forkserver_preload(preload + (["deepspeed"] if spec.distributed.backend == "deepspeed" else []))
     try:
-        launch_ranks(spec.distributed, ["-m", "tuneforge.training.entry", *argv])
+        flags = entry_flags(resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
+        launch_ranks(spec.distributed, rank_main, (str(channel), flags), log_dir=channel / "launcher")
         failure = None
     except (DistributedError, Stopped) as e:
         failure = e
@@ -163,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = JobSpec.model_validate_json((args.channel / JOB).read_text())
     if needs_launch(spec.distributed):
-        return _launch_here(args.channel, spec, argv)
+        return _launch_here(args.channel, spec, args)
     if returns_big_buffers(spec):
         return_big_buffers_to_os()  # process-wide, so set here at the entry point (see training/allocator.py)
     return _train_here(args.channel, spec, args)
@@ -185,9 +211,8 @@ class TrainingProcess:
         self.tmp = tempfile.TemporaryDirectory(prefix="tuneforge-train-")
         self.channel = Path(self.tmp.name)
         (self.channel / JOB).write_text(spec.model_dump_json())
-        command = [sys.executable, "-m", "tuneforge.training.entry", str(self.channel)]
-        command += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
-        command += ["--stop-after", str(stop_after)] if stop_after else []
+        command = [sys.executable, "-m", "tuneforge.training.entry", str(self.channel),
+                   *entry_flags(resume=resume, overwrite=overwrite, stop_after=stop_after)]
         self.log_file = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") if capture else None
         # A session of its own: a terminal's Ctrl-C reaches only this process, which passes one signal on (a
         # second one to the rank launcher would cut its wait for the ranks' checkpoints short).
@@ -253,4 +278,7 @@ class TrainingProcess:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # by the module's own name, not as __main__: the ranks' fork server finds `rank_main` under that name
+    from tuneforge.training.entry import main as entry_main
+
+    sys.exit(entry_main())
