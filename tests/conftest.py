@@ -108,3 +108,12 @@ def smollm2_tokenizer(smollm2_path):
     from tuneforge.models import load_tokenizer
 
     return load_tokenizer(smollm2_path)
+
+
+def pytest_collection_finish(session):
+    """A test worker trains in its own process, as the CLI does: the same entry-point setting, once the training
+    stack is imported (tuneforge.process.freeze_loaded_objects: each run's two full collections then skip it)."""
+    import tuneforge.training.recipe  # noqa: F401
+    from tuneforge.process import freeze_loaded_objects
+
+    freeze_loaded_objects()

@@ -10,19 +10,24 @@ try:  # a Ctrl-C while the command is still starting up: exit quietly, as later 
     import os
     import signal
 
-    from tuneforge.process import quiet_libraries, stop_on_signals
+    from tuneforge.process import freeze_loaded_objects, quiet_libraries, stop_on_signals
 except KeyboardInterrupt:
     raise SystemExit(130) from None
 
 
 def cmd_train(args) -> int:
     from tuneforge import api
+    from tuneforge.distributed import needs_launch
     from tuneforge.training.allocator import return_big_buffers_to_os, returns_big_buffers
     from tuneforge.training.events import ConsoleProgress, StopRequest
 
     job = api.resolve_job(args.spec, args.set + _distributed_overrides(args), resume=args.resume)
     if returns_big_buffers(job):
         return_big_buffers_to_os()  # process-wide, so set here at the entry point (see training/allocator.py)
+    if not needs_launch(job.distributed):  # trained in this process: its imports out of the collector's sight
+        import tuneforge.training.recipe  # noqa: F401
+
+        freeze_loaded_objects()
     stop = StopRequest()
     console = ConsoleProgress(bar=not args.quiet)
     try:
@@ -263,8 +268,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import tuneforge.training.recipe  # noqa: F401  (it trains in this process)
     from tuneforge.demo import run_demo
 
+    freeze_loaded_objects()
     return run_demo(args.output_dir, epochs=args.epochs, overwrite=True)
 
 

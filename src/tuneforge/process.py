@@ -1,6 +1,6 @@
 """Process-wide settings, made only at a process's entry point (the CLI, the training entry, the service's
-worker and runner): quiet library logging, stop signals that wait for a step boundary, and dying with the
-parent. Library calls never set any of these."""
+worker and runner): quiet library logging, stop signals that wait for a step boundary, dying with the
+parent, and the loaded modules kept out of the garbage collector's sight. Library calls never set any of these."""
 from __future__ import annotations
 
 import ctypes
@@ -30,6 +30,18 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def freeze_loaded_objects() -> None:
+    """`gc.freeze()` every object loaded so far, once an entry point has imported the training stack: the cyclic
+    collector never scans them again. Over torch, transformers and peft (~350k objects) a full collection takes
+    0.2-0.3 s, and a run collects twice (after loading the model, to return the loading's buffers to the OS; after
+    releasing it, while a process group still exists); a forked child also keeps sharing those objects' pages (a
+    collection writes to every object it scans). Those modules live as long as the process, so nothing is kept
+    that would have been freed; no collection runs first (the few cycles imports leave are not worth a full pass)."""
+    import gc
+
+    gc.freeze()
 
 
 @contextmanager

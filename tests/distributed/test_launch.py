@@ -159,7 +159,7 @@ def test_killed_rank_is_named_and_resume_equals_uninterrupted(tiny_models, dist_
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "rank 1" in err and "was killed by SIGKILL" in err, err[-3000:]
-    assert "Traceback" not in err.split("rank(s) failed")[-1]
+    assert "Traceback" not in err and "exitcode" not in err, err[-3000:]  # one line from us, not torch's log
     assert not (tmp_path / "run" / "summary.json").exists()
     saved = yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())
     assert saved["distributed"]["nproc"] == 2 and saved["distributed"]["strategy"] == "zero3"

@@ -11,6 +11,7 @@ A rank that dies makes the agent stop the others; the error names the rank and h
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -107,6 +108,10 @@ def launch_ranks(d: DistributedSpec, entrypoint: Callable[..., None], args: tupl
     # Ranks on one node share its cores: one OpenMP team per rank, not one per core each.
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // d.nproc)
     env_before = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    said_here = _SaidHere()
+    torch_loggers = [logging.getLogger(name) for name in _TORCH_RANK_LOGGERS]
+    for logger in torch_loggers:
+        logger.addFilter(said_here)
     # the ranks inherit this process's environment (the fork server starts with it, and its OpenMP reads it then)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
@@ -124,11 +129,27 @@ def launch_ranks(d: DistributedSpec, entrypoint: Callable[..., None], args: tupl
     except (RendezvousError, RuntimeError, ValueError) as e:  # node 0 unreachable, the port taken, a timeout
         raise rendezvous_error(d, str(e) or type(e).__name__) from None
     finally:
+        for logger in torch_loggers:
+            logger.removeFilter(said_here)
         for k, v in env_before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# torch's own lines about a rank that ended: the agent's (with a traceback of its process join) and
+# multiprocessing's SIGTERM to the others
+_TORCH_RANK_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
+
+
+class _SaidHere(logging.Filter):
+    """Drops torch's account of a rank that ended: the DistributedError raised here names the rank, its pid and how
+    it ended, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("failed (exitcode") or message.startswith("Terminating process"))
 
 
 def check_rendezvous_reachable(d: DistributedSpec) -> None:

@@ -132,6 +132,9 @@ class Worker:
                         self.id)
             self.forking = False
             return
+        from tuneforge.process import freeze_loaded_objects
+
+        freeze_loaded_objects()  # shared with every fork, and never scanned by their collector
         self.forking = True
         log.info("%s imported the training stack in %.1f s; training attempts are forked from it", self.id,
                  time.time() - started)

@@ -37,6 +37,7 @@ from tuneforge.training.events import EventHandler, RunEvent, RunSummary, StopRe
 
 JOB, EVENTS, RESULT = "job.json", "events.jsonl", "result.json"
 POLL_SECONDS = 0.1
+PEER_GRACE_SECONDS = 2.0  # a rank whose collective failed waits this long for the launcher to find a dead peer
 
 
 # ---------------------------------------------------------------- the child
@@ -78,9 +79,11 @@ def _exit_code(summary: RunSummary) -> int:
 
 def _train_here(channel: Path, spec, args) -> int:
     """One process, or one rank of several: run the recipe, report on the channel."""
-    from tuneforge.distributed import in_launched_rank, rank_label
-    from tuneforge.process import exit_with_parent, stop_on_signals
+    from tuneforge.distributed import DistributedError, in_launched_rank, rank_label
+    from tuneforge.process import exit_with_parent, freeze_loaded_objects, stop_on_signals
     from tuneforge.training.recipe import Recipe
+
+    freeze_loaded_objects()
 
     launched = in_launched_rank()
     if launched:
@@ -104,6 +107,11 @@ def _train_here(channel: Path, spec, args) -> int:
             print(f"error: {'' if str(e).startswith('rank ') else rank_label()}{e}", file=sys.stderr, flush=True)
         if reports:
             write_result(channel, {"error": e.to_record()})
+        if launched and isinstance(e, DistributedError):
+            # A collective failed: maybe a peer died. torch's agent reports only the first rank it finds ended, in
+            # rank order; the peer's death (the cause) must be found before this rank's exit (the consequence).
+            # The agent stops this rank meanwhile when the peer is on this node.
+            time.sleep(PEER_GRACE_SECONDS)
         return e.exit_code
     finally:
         if events is not None:
@@ -140,10 +148,11 @@ def _launch_here(channel: Path, spec, args) -> int:
 
     from tuneforge.distributed import DistributedError, launch_ranks
 
-    # Process-wide, so set here at the entry point: the ranks are forked from a server that imported these once
-    # (each rank would otherwise start an interpreter and import the training stack itself: ~5 s of CPU).
-    preload = ["tuneforge.training.entry", "tuneforge.training.recipe"]
-    multiprocessing.set_forkserver_preload(preload + (["deepspeed"] if spec.distributed.backend == "deepspeed" else []))
+    # Process-wide, so set here at the entry point: the ranks are forked from a server that imported the training
+    # stack once (each rank would otherwise start an interpreter and import it itself: ~5 s of CPU). Not this
+    # module: a forked child runs it afresh as multiprocessing's __mp_main__ (runpy warns when it is there already).
+    preload = ["tuneforge.training.rank_server"] + (["deepspeed"] if spec.distributed.backend == "deepspeed" else [])
+    multiprocessing.set_forkserver_preload(preload)
     try:
         flags = entry_flags(resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
         launch_ranks(spec.distributed, rank_main, (str(channel), flags), log_dir=channel / "launcher")
