@@ -90,10 +90,9 @@ def launch_ranks(d: DistributedSpec, entrypoint: Callable[..., None], args: tupl
 
     Raises DistributedError naming the first rank that failed (its own message is printed above
     by the rank); its exit code is that rank's when it exited with one."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
